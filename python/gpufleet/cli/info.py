@@ -1,0 +1,129 @@
+"""`gpufleet info`: version, build facts, driver, and a device table like nvidia-smi's with the CUDA
+ordinal and the physical index side by side, plus the effective CUDA_VISIBLE_DEVICES mapping."""
+from __future__ import annotations
+
+import json
+import sys
+
+from .. import _devices
+
+
+def register(sub) -> None:
+    p = sub.add_parser("info", help="show the build, the driver and the GPUs (NVML, no CUDA context)")
+    p.add_argument("--json", action="store_true", help="print machine-readable JSON")
+    p.set_defaults(func=run)
+
+
+def _version(v) -> str:
+    return "unknown" if v is None else f"{v // 1000}.{(v % 1000) // 10}"
+
+
+def _gpu_dict(g) -> dict:
+    return {
+        "ordinal": g.ordinal if g.ordinal >= 0 else None,
+        "nvml_index": g.nvml_index if g.nvml_index >= 0 else None,
+        "name": g.name or None,
+        "uuid": g.uuid or None,
+        "pci_bus_id": g.pci_bus_id or None,
+        "mig_uuid": g.mig_uuid or None,
+        "compute_capability": list(g.compute_capability) if g.compute_capability else None,
+        "total_memory": g.total_memory,
+        "free_memory": g.free_memory,
+        "used_memory": g.used_memory,
+        "utilization": g.utilization,
+        "processes": None if g.processes is None else [{"pid": p.pid, "used_memory": p.used_memory} for p in g.processes],
+        "unknown_fields": list(g.unknown_fields),
+        "source": g.source,
+    }
+
+
+def info_dict() -> dict:
+    topo = _devices.topology()
+    return {
+        "build": _devices.build_info(),
+        "driver_version": topo.driver_version or None,
+        "cuda_driver_version": topo.cuda_driver_version,
+        "source": topo.source,
+        "cuda_visible_devices": topo.cuda_visible_devices,
+        "cuda_device_order": topo.device_order,
+        "ordinal_order_exact": topo.ordinal_order_exact,
+        "gpus": [_gpu_dict(g) for g in topo.gpus],
+        "visible": list(topo.visible),
+        "notes": list(topo.notes),
+    }
+
+
+def _mem(v) -> str:
+    return "?" if v is None else _devices.format_memory_size(v)
+
+
+def render(info: dict) -> str:
+    b = info["build"]
+    lines = [f"gpufleet {b['version']}"]
+    if b["cuda"]:
+        lines.append(
+            f"build:   CUDA compiled in (runtime {_version(b['cuda_runtime_version'])}, statically linked; "
+            f"architectures {', '.join(b['cuda_architectures']) or 'default'})"
+        )
+    else:
+        lines.append("build:   CUDA not compiled in (CPU-only build); NVML discovery still works")
+    drv = info["driver_version"]
+    lines.append(
+        f"driver:  {drv or 'unknown'}"
+        + (f" (supports CUDA {_version(info['cuda_driver_version'])})" if info["cuda_driver_version"] else "")
+    )
+    src = {"nvml": "NVML", "cuda": "CUDA runtime (NVML unavailable)", "simulated": "SIMULATED (not real GPUs)",
+           "none": "none"}[info["source"]]
+    lines.append(f"source:  {src}")
+    cvd = info["cuda_visible_devices"]
+    gpus = info["gpus"]
+    if cvd is None:
+        cvd_text = "unset (all GPUs visible)"
+    else:
+        mapping = ", ".join(f"cuda:{i}=GPU {gpus[g]['nvml_index']}" for i, g in enumerate(info["visible"]))
+        cvd_text = f"{cvd!r} -> {mapping or 'no GPU visible'}"
+    lines.append(f"CUDA_VISIBLE_DEVICES: {cvd_text}")
+    lines.append(f"CUDA_DEVICE_ORDER:    {info['cuda_device_order']}")
+    if not gpus:
+        lines.append("")
+        lines.append("No GPU found on this machine.")
+    else:
+        header = ("CUDA", "GPU", "Name", "Bus-Id", "Memory used / total", "Free", "Util", "Procs", "CC")
+        rows = []
+        for g in gpus:
+            cc = g["compute_capability"]
+            rows.append((
+                f"cuda:{g['ordinal']}" if g["ordinal"] is not None else "-",
+                "?" if g["nvml_index"] is None else str(g["nvml_index"]),
+                g["name"] or "?",
+                g["pci_bus_id"] or "?",
+                f"{_mem(g['used_memory'])} / {_mem(g['total_memory'])}",
+                _mem(g["free_memory"]),
+                "?" if g["utilization"] is None else f"{g['utilization']}%",
+                "?" if g["processes"] is None else str(len(g["processes"])),
+                "?" if cc is None else f"{cc[0]}.{cc[1]}",
+            ))
+        widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+        lines.append("")
+        lines.append("  ".join(h.ljust(w) for h, w in zip(header, widths)).rstrip())
+        for r in rows:
+            lines.append("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+        hidden = sum(1 for g in gpus if g["ordinal"] is None)
+        if hidden:
+            lines.append(f"({hidden} GPU{'s' if hidden != 1 else ''} hidden by CUDA_VISIBLE_DEVICES: CUDA column '-')")
+        unknown = sorted({f for g in gpus for f in g["unknown_fields"]})
+        if unknown:
+            lines.append(f"unknown here: {', '.join(unknown)} ('?' above)")
+    for note in info["notes"]:
+        lines.append(f"note: {note}")
+    return "\n".join(lines)
+
+
+def run(args) -> int:
+    info = info_dict()
+    if args.json:
+        json.dump(info, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+    else:
+        print(render(info))
+    return 0

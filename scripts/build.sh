@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Configures (once) and builds one flavour of gpufleet in build/<flavour>:
+#   cuda    CUDA backends when nvcc is found (GPUFLEET_CUDA=AUTO), Python module + C++ tests
+#   nocuda  GPUFLEET_CUDA=OFF, Python module + C++ tests: the same Python API, zero CUDA devices
+#   asan    GPUFLEET_CUDA=OFF, C++ tests only, AddressSanitizer + UndefinedBehaviorSanitizer
+# BUILD_ROOT (default build) lets several checkouts or people build side by side.
+# The Python package is staged in build/<flavour>/stage (Note [Staged package] in CMakeLists.txt).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+flavour=${1:?usage: scripts/build.sh cuda|nocuda|asan}
+VENV=${VENV:-.venv}
+dir=${BUILD_ROOT:-build}/$flavour
+jobs=${JOBS:-$(nproc)}
+case "$flavour" in
+  cuda)   flags=(-DGPUFLEET_CUDA=AUTO -DGPUFLEET_BUILD_TESTS=ON -DCMAKE_BUILD_TYPE=Release) ;;
+  nocuda) flags=(-DGPUFLEET_CUDA=OFF -DGPUFLEET_BUILD_TESTS=ON -DCMAKE_BUILD_TYPE=Release) ;;
+  asan)   flags=(-DGPUFLEET_CUDA=OFF -DGPUFLEET_BUILD_TESTS=ON -DGPUFLEET_BUILD_PYTHON=OFF
+                 -DGPUFLEET_SANITIZE=ON -DCMAKE_BUILD_TYPE=RelWithDebInfo) ;;
+  bench)  flags=(-DGPUFLEET_CUDA=AUTO -DGPUFLEET_BUILD_BENCHMARKS=ON -DCMAKE_BUILD_TYPE=Release) ;;
+  *) echo "unknown flavour '$flavour': expected cuda, nocuda, asan or bench" >&2; exit 2 ;;
+esac
+if [ -n "${CUDA_ARCHITECTURES:-}" ]; then flags+=("-DCMAKE_CUDA_ARCHITECTURES=$CUDA_ARCHITECTURES"); fi
+if [ ! -f "$dir/build.ninja" ]; then
+  "$VENV/bin/cmake" -S . -B "$dir" -G Ninja -DCMAKE_MAKE_PROGRAM="$PWD/$VENV/bin/ninja" \
+    -DPython_EXECUTABLE="$PWD/$VENV/bin/python" \
+    -Dpybind11_DIR="$("$VENV/bin/python" -m pybind11 --cmakedir)" "${flags[@]}" >/dev/null
+fi
+"$VENV/bin/cmake" --build "$dir" -j "$jobs"
