@@ -4,6 +4,8 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 export PYTHONDONTWRITEBYTECODE := 1
+# The CUDA flavour is built with GPUFLEET_CUDA=AUTO: CUDA is compiled in exactly when nvcc is there.
+EXPECT_CUDA := $(if $(or $(shell command -v nvcc),$(wildcard /usr/local/cuda/bin/nvcc)),1,0)
 
 .PHONY: all bootstrap build build-nocuda build-asan test test-cpp test-asan test-python test-python-nocuda demo bench wheel clean
 
@@ -39,7 +41,7 @@ test-asan:
 
 test-python:
 	@echo "== pytest (CUDA compiled in) =="
-	@PYTHONPATH=build/cuda/stage GPUFLEET_EXPECT_CUDA_BUILD=auto $(PY) -m pytest $(PYTEST_ARGS)
+	@PYTHONPATH=build/cuda/stage GPUFLEET_EXPECT_CUDA_BUILD=$(EXPECT_CUDA) $(PY) -m pytest $(PYTEST_ARGS)
 
 test-python-nocuda:
 	@echo "== pytest (CUDA off) =="

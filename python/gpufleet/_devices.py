@@ -50,7 +50,8 @@ __all__ = [
 
 
 def device_count() -> int:
-    """Number of visible GPUs (CUDA_VISIBLE_DEVICES applied); 0 without any, never raises."""
+    """Number of visible GPUs (CUDA_VISIBLE_DEVICES applied); 0 without a GPU or driver (no error).
+    A malformed ``GPUFLEET_SIMULATED_GPUS`` raises ``ValueError``."""
     return _core.device_count()
 
 

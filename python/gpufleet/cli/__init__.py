@@ -36,3 +36,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except KeyboardInterrupt:
         print("gpufleet: interrupted", file=sys.stderr)
         return 130
+    except (ValueError, TypeError) as e:  # bad input: say what was wrong, no traceback
+        print(f"gpufleet {args.command}: error: {e}", file=sys.stderr)
+        return 2
