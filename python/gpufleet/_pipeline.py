@@ -1,2 +1,997 @@
-"""Placeholder: filled by its part (see the issue tracker). Public names go in __all__."""
-__all__: list[str] = []
+"""Pipelines: concurrent stages joined by bounded queues, with per-stage statistics.
+
+The queues, the per-worker time accounting (busy / starved / blocked), the stage counters and the
+sampling monitor are C++ (csrc/pipeline, ``gpufleet._core.pipeline``); blocking waits release the
+GIL. This module wires stages into threads (and process pools), calls the user's functions, applies
+the error policy, shuts everything down on Ctrl-C or a failing stage, and builds the report.
+
+    report = (gpufleet.Pipeline(range(1000), ordered=True)
+              .map(decode, workers=4)
+              .batch(16, max_delay=0.05)
+              .gpu(load_model)                 # load_model(device) -> fn(batch)
+              .unbatch()
+              .map(postprocess, workers=8)
+              .sink(gpufleet.sinks.SqlSink("scores.db", "scores", key="id"))
+              .run())
+    print(report.summary())
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import heapq
+import inspect
+import json
+import math
+import multiprocessing
+import signal
+import threading
+import time
+import traceback
+from typing import Any, Callable, Iterable, Optional, Sequence
+
+from . import _core
+from ._devices import Device, as_device, device_count, select_devices, topology
+
+_pl = _core.pipeline
+QueueClosed = _pl.QueueClosed
+QueueCancelled = _pl.QueueCancelled
+
+__all__ = ["Pipeline", "PipelineReport", "StageReport", "ItemError", "PipelineError"]
+
+_ERROR_POLICIES = ("raise", "skip", "collect")
+_SKIPPED = object()  # payload of a tombstone: an item that failed and was dropped (keeps `ordered` going)
+
+
+class PipelineError(RuntimeError):
+    """Raised by ``run()`` when a stage fails outside the user's functions (e.g. a sink's flush),
+    or when a stage cannot start (a factory raised). ``report`` holds what was done until then."""
+
+    def __init__(self, message: str, report: "PipelineReport | None" = None):
+        super().__init__(message)
+        self.report = report
+
+
+@dataclasses.dataclass
+class ItemError:
+    """One failed item: the stage, its position in the source (``index``), its id (``id=`` of the
+    Pipeline, else the index), the exception, and with ``on_error="collect"`` the input it failed on."""
+
+    stage: str
+    index: int
+    id: Any
+    error: BaseException
+    traceback: str
+    item: Any = None
+
+    def __str__(self) -> str:
+        return f"stage '{self.stage}', item {self.id!r} (#{self.index}): {type(self.error).__name__}: {self.error}"
+
+
+@dataclasses.dataclass
+class StageReport:
+    """Statistics of one stage. Times are summed over the stage's workers, so for every stage
+    ``busy_s + starved_s + blocked_s == wall_s`` (the workers' summed wall time)."""
+
+    name: str
+    kind: str
+    workers: int
+    items_in: int
+    items_out: int
+    batches: int
+    mean_batch_size: float
+    busy_s: float
+    starved_s: float
+    blocked_s: float
+    wall_s: float
+    utilization: float
+    errors: int
+    devices: list = dataclasses.field(default_factory=list)
+    note: str = ""
+    workers_detail: list = dataclasses.field(default_factory=list)
+
+    @property
+    def throughput(self) -> float:
+        """Items out per second of the run (the stage's first start to its last finish)."""
+        span = max((w["end_ns"] for w in self.workers_detail), default=0) - min(
+            (w["start_ns"] for w in self.workers_detail), default=0)
+        return self.items_out / (span * 1e-9) if span > 0 else 0.0
+
+
+@dataclasses.dataclass
+class QueueReport:
+    name: str
+    capacity: int
+    high_water: int
+    total_put: int
+
+
+class PipelineReport:
+    """What ``Pipeline.run()`` returns: per-stage statistics, the limiting stage, errors, results
+    (when there is no sink), queue depths and throughput over time, GPU samples."""
+
+    def __init__(self, *, stages, queues, wall_s, limiting_stage, errors, results, timeline, gpu_samples,
+                 status, trace_stats, t0_ns):
+        self.stages: list[StageReport] = stages
+        self.queues: list[QueueReport] = queues
+        self.wall_s: float = wall_s
+        self.limiting_stage: Optional[str] = limiting_stage
+        self.errors: list[ItemError] = errors
+        self.results: Optional[list] = results
+        self.timeline: dict = timeline
+        self.gpu_samples: list[dict] = gpu_samples
+        self.status: str = status  # "completed", "failed" or "interrupted"
+        self._trace_stats = trace_stats
+        self._t0_ns = t0_ns
+
+    def stage(self, name: str) -> StageReport:
+        for s in self.stages:
+            if s.name == name:
+                return s
+        raise KeyError(f"no stage named {name!r}; stages: {[s.name for s in self.stages]}")
+
+    @property
+    def items(self) -> int:
+        """Items the source produced."""
+        return self.stages[0].items_out if self.stages else 0
+
+    def summary(self) -> str:
+        """A table: one line per stage, the limiting stage marked, GPU samples summarised."""
+        lines = [f"pipeline {self.status} in {self.wall_s:.3f} s, {self.items} items, "
+                 f"{len(self.errors)} errors; limiting stage: {self.limiting_stage or '-'}"]
+        head = (f"{'stage':<22}{'workers':>7}{'items':>9}{'batches':>8}{'mean b':>7}{'busy%':>7}{'starved%':>9}"
+                f"{'blocked%':>9}{'items/s':>10}")
+        lines.append(head)
+        for s in self.stages:
+            w = s.wall_s if s.wall_s > 0 else 1.0
+            tag = "  <- limiting" if s.name == self.limiting_stage else ""
+            lines.append(
+                f"{s.name[:21]:<22}{s.workers:>7}{s.items_out:>9}{s.batches:>8}{s.mean_batch_size:>7.1f}"
+                f"{100 * s.busy_s / w:>7.1f}{100 * s.starved_s / w:>9.1f}{100 * s.blocked_s / w:>9.1f}"
+                f"{s.throughput:>10.1f}{tag}")
+            if s.note:
+                lines.append(f"{'':<22}note: {s.note}")
+            if s.devices:
+                lines.append(f"{'':<22}devices: {', '.join(str(d) for d in s.devices)}")
+        for q in self.queues:
+            lines.append(f"queue {q.name}: capacity {q.capacity}, max depth {q.high_water}")
+        if self.gpu_samples:
+            by_dev: dict = {}
+            for g in self.gpu_samples:
+                by_dev.setdefault(g["device"], []).append(g)
+            for dev, rows in by_dev.items():
+                util = [r["utilization"] for r in rows if r["utilization"] is not None]
+                mem = [r["used_memory"] for r in rows if r["used_memory"] is not None]
+                u = f"{sum(util) / len(util):.0f}% mean, {max(util)}% max" if util else "n/a"
+                mm = f"{max(mem) / 2**20:.0f} MiB max" if mem else "n/a"
+                lines.append(f"GPU {dev} ({rows[0]['source']}): utilisation {u}; memory used {mm}; "
+                             f"{len(rows)} samples")
+        for e in self.errors[:5]:
+            lines.append(f"error: {e}")
+        if len(self.errors) > 5:
+            lines.append(f"... and {len(self.errors) - 5} more errors")
+        return "\n".join(lines)
+
+    def __repr__(self) -> str:
+        return (f"PipelineReport(status={self.status!r}, items={self.items}, wall_s={self.wall_s:.3f}, "
+                f"limiting_stage={self.limiting_stage!r}, errors={len(self.errors)})")
+
+    def to_chrome_trace(self, path: Optional[str] = None) -> dict:
+        """The run as a Chrome trace (chrome://tracing, Perfetto): one track per worker with its
+        busy / starved / blocked spans, and counters for every queue's depth. Written to ``path``
+        as JSON when given."""
+        events: list[dict] = []
+        for pid_stage, st in enumerate(self._trace_stats):
+            events.append({"ph": "M", "name": "process_name", "pid": pid_stage, "tid": 0,
+                           "args": {"name": f"stage {st.name}"}})
+            for w in range(st.workers):
+                events.append({"ph": "M", "name": "thread_name", "pid": pid_stage, "tid": w,
+                               "args": {"name": f"{st.name} worker {w}"}})
+                for state, start, dur in st.clock(w).spans():
+                    events.append({"ph": "X", "name": state, "cat": state, "pid": pid_stage, "tid": w,
+                                   "ts": (start - self._t0_ns) / 1e3, "dur": dur / 1e3})
+        times = self.timeline.get("t_s", [])
+        for name, values in self.timeline.get("queues", {}).items():
+            for t, v in zip(times, values):
+                events.append({"ph": "C", "name": f"queue {name}", "pid": len(self._trace_stats), "tid": 0,
+                               "ts": t * 1e6 + self.timeline.get("offset_us", 0.0), "args": {"depth": v}})
+        trace = {"traceEvents": events, "displayTimeUnit": "ms"}
+        if path is not None:
+            with open(path, "w") as f:
+                json.dump(trace, f)
+        return trace
+
+    def plot(self, path: str) -> str:
+        """Saves a figure with throughput (items/s) and queue depth over time per stage."""
+        import matplotlib
+
+        matplotlib.use("Agg", force=False)
+        import matplotlib.pyplot as plt
+
+        t = self.timeline.get("t_s", [])
+        fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(9, 6), sharex=True)
+        for name, counts in self.timeline.get("items_out", {}).items():
+            rate = [0.0] + [(counts[i] - counts[i - 1]) / max(t[i] - t[i - 1], 1e-9) for i in range(1, len(t))]
+            ax1.plot(t, rate, label=name + (" (limiting)" if name == self.limiting_stage else ""))
+        ax1.set_ylabel("items/s")
+        ax1.legend(fontsize="small")
+        ax1.set_title(f"pipeline {self.status}: {self.items} items in {self.wall_s:.2f} s")
+        for name, depth in self.timeline.get("queues", {}).items():
+            ax2.step(t, depth, where="post", label=name)
+        ax2.set_ylabel("queue depth")
+        ax2.set_xlabel("time (s)")
+        ax2.legend(fontsize="small")
+        fig.tight_layout()
+        fig.savefig(path)
+        plt.close(fig)
+        return path
+
+
+# ---------------------------------------------------------------------------------------------------
+# Stage specifications (built by the fluent API, instantiated by run()).
+
+
+@dataclasses.dataclass
+class _Spec:
+    kind: str  # map, batch, gpu, unbatch, sink
+    name: str
+    fn: Any = None
+    workers: int = 1
+    processes: bool = False
+    size: int = 0
+    max_delay: Optional[float] = None
+    collate: Optional[Callable] = None
+    devices: Any = None
+    replicas_per_device: int = 1
+    factory: Optional[bool] = None
+    queue_size: Optional[int] = None
+
+
+def _check_int(value, name: str, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int >= {minimum}, got {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return value
+
+
+def _check_delay(value, name: str) -> Optional[float]:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise ValueError(f"{name} must be None or a non-negative number of seconds, got {value!r}")
+    return float(value)
+
+
+def _fn_name(fn) -> str:
+    return getattr(fn, "__name__", None) or type(fn).__name__
+
+
+def _is_factory(fn) -> bool:
+    """Auto-detection for .gpu(): a callable whose first parameter is named ``device`` is a factory."""
+    try:
+        params = list(inspect.signature(fn).parameters.values())
+    except (TypeError, ValueError):
+        return False
+    return bool(params) and params[0].name == "device"
+
+
+def _resolve_devices(devices) -> tuple[list[Device], str]:
+    """Devices for a .gpu() stage and a note for the report."""
+    if isinstance(devices, str) and devices == "auto":
+        n = device_count()
+        if n == 0:
+            return [Device("cpu")], "no GPU visible: ran on the CPU"
+        src = topology().source
+        note = "simulated GPUs" if src == "simulated" else ""
+        return [Device("cuda", i) for i in range(n)], note
+    if isinstance(devices, bool):
+        raise TypeError(f"devices must be 'auto', a count, a device or a list of devices, got {devices!r}")
+    if isinstance(devices, int):
+        if devices < 1:
+            raise ValueError(f"devices must be 'auto', a count >= 1, a device or a list of devices, got {devices}")
+        return select_devices(devices), ""
+    if isinstance(devices, (str, Device)) or not isinstance(devices, Iterable):
+        devices = [devices]
+    out = [as_device(d) for d in devices]
+    if not out:
+        raise ValueError("devices is an empty list: give 'auto', a count, a device or a non-empty list")
+    note = "ran on the CPU" if all(d.type == "cpu" for d in out) else ""
+    return out, note
+
+
+def _ignore_sigint():  # process-pool initializer: the parent owns Ctrl-C handling
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _split_batch(payload, n: int, stage: str) -> list:
+    try:
+        length = len(payload)
+    except TypeError:
+        raise TypeError(f"stage '{stage}': cannot unbatch a {type(payload).__name__}: expected a list, tuple "
+                        f"or array whose first dimension is the batch") from None
+    if length != n:
+        raise ValueError(f"stage '{stage}': the batch holds {n} items but the stage's output has length "
+                         f"{length}; a batch function must return one output per input")
+    if isinstance(payload, (list, tuple)):
+        return list(payload)
+    return [payload[i] for i in range(n)]
+
+
+class _Reorder:
+    """Releases envelopes in source order (Note [Ordering]): an envelope whose smallest index is m
+    goes out once every index below m has arrived (failed items arrive as tombstones)."""
+
+    def __init__(self):
+        self._heap: list = []
+        self._arrived: set = set()
+        self._prefix = 0  # every index < prefix has arrived
+        self._tie = 0
+
+    def push(self, env) -> list:
+        keys = env[0]
+        ks = keys if isinstance(keys, tuple) else (keys,)
+        self._arrived.update(ks)
+        while self._prefix in self._arrived:
+            self._arrived.discard(self._prefix)
+            self._prefix += 1
+        if env[2] is not _SKIPPED:
+            self._tie += 1
+            heapq.heappush(self._heap, (min(ks) if ks else -1, self._tie, env))
+        out = []
+        while self._heap and self._heap[0][0] <= self._prefix:
+            out.append(heapq.heappop(self._heap)[2])
+        return out
+
+    def flush(self) -> list:
+        out = [heapq.heappop(self._heap)[2] for _ in range(len(self._heap))]
+        return out
+
+
+class _ListSink:
+    def __init__(self):
+        self.items: list = []
+
+    def write(self, item):
+        self.items.append(item)
+
+
+class Pipeline:
+    """A chain of concurrent stages fed from ``source`` (any iterable).
+
+    ``ordered=True`` delivers results (and sink writes) in source order. ``on_error`` decides what a
+    raising user function does: ``"raise"`` (default) stops the pipeline cleanly and re-raises the
+    first error; ``"skip"`` records it (stage, index, id, error) and goes on; ``"collect"`` does the
+    same and also keeps the failed input in ``ItemError.item``. ``id`` maps a source item to the id
+    recorded with its errors. ``queue_size`` overrides every queue's default depth (about two batches
+    per consumer worker). ``progress=True`` shows one live bar per stage with the limiting stage
+    tagged. ``sample_interval`` is the monitor's period in seconds.
+    """
+
+    def __init__(self, source: Iterable, *, ordered: bool = False, on_error: str = "raise",
+                 id: Optional[Callable[[Any], Any]] = None, queue_size: Optional[int] = None,
+                 progress: bool = False, sample_interval: float = 0.05, name: str = "pipeline"):
+        if not isinstance(source, Iterable):
+            raise TypeError(f"source must be an iterable, got {type(source).__name__}")
+        if on_error not in _ERROR_POLICIES:
+            raise ValueError(f"on_error must be one of {_ERROR_POLICIES}, got {on_error!r}")
+        if id is not None and not callable(id):
+            raise TypeError(f"id must be a callable mapping an item to its id, got {id!r}")
+        if queue_size is not None:
+            _check_int(queue_size, "queue_size")
+        if isinstance(sample_interval, bool) or not isinstance(sample_interval, (int, float)) or not sample_interval > 0:
+            raise ValueError(f"sample_interval must be a positive number of seconds, got {sample_interval!r}")
+        self._source = source
+        self._ordered = bool(ordered)
+        self._on_error = on_error
+        self._id = id
+        self._queue_size = queue_size
+        self._progress = bool(progress)
+        self._sample_interval = float(sample_interval)
+        self._name = name
+        self._specs: list[_Spec] = []
+        self._sink_spec: Optional[_Spec] = None
+
+    # ---- building ---------------------------------------------------------------------------
+    def _add(self, spec: _Spec) -> "Pipeline":
+        if self._sink_spec is not None:
+            raise ValueError(f"cannot add stage '{spec.name}' after .sink(): the sink ends the pipeline")
+        names = {s.name for s in self._specs} | {"source"}
+        base, i = spec.name, 2
+        while spec.name in names:
+            spec.name = f"{base}#{i}"
+            i += 1
+        if spec.queue_size is not None:
+            _check_int(spec.queue_size, "queue_size")
+        self._specs.append(spec)
+        return self
+
+    def _in_batches(self) -> bool:
+        depth = 0
+        for s in self._specs:
+            depth += s.kind == "batch"
+            depth -= s.kind == "unbatch"
+        return depth > 0
+
+    def map(self, fn: Callable[[Any], Any], *, workers: int = 1, processes: bool = False,
+            name: Optional[str] = None, queue_size: Optional[int] = None) -> "Pipeline":
+        """Applies ``fn`` to every item (to every batch after ``.batch()``) on ``workers`` threads, or
+        with ``processes=True`` in a pool of ``workers`` spawned processes (``fn`` and the items must
+        pickle; use it for Python code that holds the GIL)."""
+        if not callable(fn):
+            raise TypeError(f"map() takes a callable, got {fn!r}")
+        _check_int(workers, "workers")
+        return self._add(_Spec("map", name or f"map:{_fn_name(fn)}", fn=fn, workers=workers,
+                               processes=bool(processes), queue_size=queue_size))
+
+    def batch(self, size: int, *, max_delay: Optional[float] = None, collate: Optional[Callable] = None,
+              name: Optional[str] = None, queue_size: Optional[int] = None) -> "Pipeline":
+        """Groups items into batches of ``size``; with ``max_delay`` (seconds) a partial batch goes out
+        once its first item has waited that long. ``collate`` turns the list of items into the batch
+        (e.g. ``numpy.stack``); by default the batch is the list."""
+        _check_int(size, "size")
+        if self._in_batches():
+            raise ValueError("batch() after batch(): call unbatch() first")
+        if collate is not None and not callable(collate):
+            raise TypeError(f"collate must be a callable, got {collate!r}")
+        return self._add(_Spec("batch", name or f"batch:{size}", size=size,
+                               max_delay=_check_delay(max_delay, "max_delay"), collate=collate,
+                               queue_size=queue_size))
+
+    def gpu(self, fn_or_factory: Callable, *, devices: Any = "auto", replicas_per_device: int = 1,
+            factory: Optional[bool] = None, name: Optional[str] = None,
+            queue_size: Optional[int] = None) -> "Pipeline":
+        """A device stage: one worker thread per replica per device. With a factory (a callable
+        whose first parameter is named ``device``, or ``factory=True``) each replica calls
+        ``factory(device)`` once, in its own thread, and uses the returned callable for every batch:
+        a model is built once per replica. ``devices``: ``"auto"`` (every visible GPU; the CPU when
+        there is none, noted in the report), a count (chosen by ``select_devices``), a device or a
+        list. Outputs pass through as returned (NumPy, torch, DLPack objects)."""
+        if not callable(fn_or_factory):
+            raise TypeError(f"gpu() takes a function or a factory, got {fn_or_factory!r}")
+        _check_int(replicas_per_device, "replicas_per_device")
+        is_factory = _is_factory(fn_or_factory) if factory is None else bool(factory)
+        devs, note = _resolve_devices(devices)
+        return self._add(_Spec("gpu", name or f"gpu:{_fn_name(fn_or_factory)}", fn=fn_or_factory,
+                               workers=len(devs) * replicas_per_device, devices=(devs, note),
+                               replicas_per_device=replicas_per_device, factory=is_factory,
+                               queue_size=queue_size))
+
+    def unbatch(self, *, name: Optional[str] = None, queue_size: Optional[int] = None) -> "Pipeline":
+        """Splits each batch output back into items (its length must equal the batch's)."""
+        if not self._in_batches():
+            raise ValueError("unbatch() without a batch() before it")
+        return self._add(_Spec("unbatch", name or "unbatch", queue_size=queue_size))
+
+    def sink(self, target: Any, *, name: Optional[str] = None, queue_size: Optional[int] = None) -> "Pipeline":
+        """Ends the pipeline: ``target`` is a callable called with every item, or an object with
+        ``write(item)`` and optionally ``open()``, ``poll()`` (called when idle for ``max_delay``),
+        ``close()`` (such as ``gpufleet.sinks.SqlSink``). One thread writes, so the target needs no
+        locking."""
+        if not (callable(target) or hasattr(target, "write")):
+            raise TypeError(f"sink() takes a callable or an object with write(), got {target!r}")
+        spec = _Spec("sink", name or f"sink:{_fn_name(target)}", fn=target, queue_size=queue_size)
+        self._add(spec)
+        self._specs.pop()
+        self._sink_spec = spec
+        return self
+
+    # ---- running ------------------------------------------------------------------------------
+    def run(self) -> PipelineReport:
+        """Runs the pipeline to the end and returns its report. Ctrl-C or a failing stage (with
+        ``on_error="raise"``) stops every stage: queues are cancelled, every thread joined, process
+        pools shut down, and the sink closed (it commits what it holds); then the exception is
+        re-raised with the partial report as ``exc.pipeline_report``."""
+        return _Run(self).execute()
+
+    def __repr__(self) -> str:
+        chain = " -> ".join(["source"] + [s.name for s in self._specs] +
+                            ([self._sink_spec.name] if self._sink_spec else []))
+        return f"Pipeline({chain})"
+
+
+def _default_capacity(spec: _Spec) -> int:
+    if spec.kind == "batch":
+        return 2 * spec.size
+    return max(4, 2 * spec.workers)
+
+
+class _Stage:
+    def __init__(self, spec: _Spec, stats, in_q, out_q):
+        self.spec = spec
+        self.stats = stats
+        self.in_q = in_q
+        self.out_q = out_q
+        self.pool: Optional[concurrent.futures.ProcessPoolExecutor] = None
+
+
+class _Run:
+    """One execution of a Pipeline."""
+
+    def __init__(self, p: Pipeline):
+        self.p = p
+        self.errors: list[ItemError] = []
+        self.errors_lock = threading.Lock()
+        self.failure: Optional[BaseException] = None
+        self.failure_lock = threading.Lock()
+        self.cancelled = threading.Event()
+        self.queues: list = []
+        self.queue_names: list[str] = []
+        self.stages: list[_Stage] = []
+        self.threads: list[threading.Thread] = []
+        self.gpu_samples: list[dict] = []
+
+    # ---- building -------------------------------------------------------------------------------
+    def _queue(self, consumer: _Spec, name: str):
+        cap = consumer.queue_size or self.p._queue_size or _default_capacity(consumer)
+        q = _pl.Queue(cap)
+        self.queues.append(q)
+        self.queue_names.append(name)
+        return q
+
+    def build(self):
+        specs = list(self.p._specs)
+        sink = self.p._sink_spec or _Spec("sink", "results", fn=_ListSink())
+        chain = specs + [sink]
+        src_stats = _pl.StageStats("source", 1)
+        first_q = self._queue(chain[0], f"source->{chain[0].name}")
+        first_q.set_producers(1)
+        self.source_stage = _Stage(_Spec("source", "source"), src_stats, None, first_q)
+        in_q = first_q
+        for i, spec in enumerate(chain):
+            stats = _pl.StageStats(spec.name, spec.workers)
+            if i + 1 < len(chain):
+                out_q = self._queue(chain[i + 1], f"{spec.name}->{chain[i + 1].name}")
+                out_q.set_producers(spec.workers)
+            else:
+                out_q = None
+            self.stages.append(_Stage(spec, stats, in_q, out_q))
+            in_q = out_q
+        self.sink_stage = self.stages[-1]
+        self.internal_sink = self.p._sink_spec is None
+
+    # ---- failure handling ---------------------------------------------------------------------
+    def cancel(self):
+        self.cancelled.set()
+        for q in self.queues:
+            q.cancel()
+
+    def fail(self, exc: BaseException, where: str):
+        with self.failure_lock:
+            if self.failure is None:
+                self.failure = exc
+                if hasattr(exc, "add_note"):
+                    exc.add_note(f"(in gpufleet pipeline stage {where})")
+        self.cancel()
+
+    def item_error(self, stage: _Stage, env, exc: BaseException) -> None:
+        """Applies the error policy to a failed envelope (one record per item it holds)."""
+        keys, ids, payload = env
+        ks = keys if isinstance(keys, tuple) else (keys,)
+        idl = ids if isinstance(keys, tuple) else (ids,)
+        tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+        stage.stats.add_errors(len(ks))
+        with self.errors_lock:
+            for k, i in zip(ks, idl):
+                self.errors.append(ItemError(stage.spec.name, k, i, exc, tb,
+                                             payload if self.p._on_error == "collect" else None))
+        if self.p._on_error == "raise":
+            self.fail(exc, f"'{stage.spec.name}' on item {idl[0]!r} (#{ks[0]})")
+
+    # ---- workers --------------------------------------------------------------------------------
+    def _source_worker(self):
+        st = self.source_stage
+        clock = st.stats.clock(0)
+        clock.start()
+        it = None
+        try:
+            it = iter(self.p._source)
+            idf = self.p._id
+            seq = 0
+            for item in it:
+                st.stats.add_items_in(1)
+                try:
+                    ident = idf(item) if idf is not None else seq
+                except Exception as e:  # the id function failed: an error of this item
+                    self.item_error(st, (seq, seq, item), e)
+                    if self.cancelled.is_set():
+                        break
+                    st.out_q.put((seq, seq, _SKIPPED), clock)
+                    seq += 1
+                    continue
+                st.out_q.put((seq, ident, item), clock)
+                st.stats.add_items_out(1)
+                seq += 1
+                if self.cancelled.is_set():
+                    break
+        except QueueCancelled:
+            pass
+        except BaseException as e:  # the source iterable raised: the run fails
+            self.fail(e, "source")
+        finally:
+            if it is not None and hasattr(it, "close"):
+                try:
+                    it.close()
+                except Exception:
+                    pass
+            clock.finish()
+            st.out_q.producer_done()
+
+    def _stage_worker(self, stage: _Stage, w: int, fn: Optional[Callable]):
+        spec, stats, in_q, out_q = stage.spec, stage.stats, stage.in_q, stage.out_q
+        clock = stats.clock(w)
+        clock.start()
+        try:
+            if spec.kind == "gpu" and spec.factory:
+                dev = stage.devices[w // spec.replicas_per_device]
+                try:
+                    fn = spec.fn(dev)
+                except BaseException as e:
+                    self.fail(e, f"'{spec.name}' (factory for {dev})")
+                    return
+                if not callable(fn):
+                    self.fail(TypeError(f"the factory of stage '{spec.name}' returned {fn!r} for {dev}, "
+                                        f"expected a callable"), spec.name)
+                    return
+            while True:
+                try:
+                    env = in_q.get(clock)
+                except QueueClosed:
+                    break
+                keys, ids, payload = env
+                n = len(keys) if isinstance(keys, tuple) else 1
+                stats.add_items_in(n)
+                if payload is _SKIPPED:
+                    out_q.put(env, clock)
+                    continue
+                try:
+                    if stage.pool is not None:
+                        result = stage.pool.submit(fn, payload).result()
+                    else:
+                        result = fn(payload)
+                except Exception as e:
+                    self.item_error(stage, env, e)
+                    if self.cancelled.is_set():
+                        break
+                    out_q.put((keys, ids, _SKIPPED), clock)
+                    continue
+                if isinstance(keys, tuple):
+                    stats.add_batch(n)
+                stats.add_items_out(n)
+                out_q.put((keys, ids, result), clock)
+        except QueueCancelled:
+            pass
+        except BaseException as e:
+            self.fail(e, f"'{spec.name}'")
+        finally:
+            clock.finish()
+            out_q.producer_done()
+
+    def _batch_worker(self, stage: _Stage):
+        spec, stats, in_q, out_q = stage.spec, stage.stats, stage.in_q, stage.out_q
+        clock = stats.clock(0)
+        clock.start()
+        size, delay, collate = spec.size, spec.max_delay, spec.collate
+
+        def emit(buf):
+            keys = tuple(e[0] for e in buf)
+            ids = tuple(e[1] for e in buf)
+            items = [e[2] for e in buf]
+            try:
+                payload = collate(items) if collate is not None else items
+            except Exception as e:
+                self.item_error(stage, (keys, ids, items), e)
+                if not self.cancelled.is_set():
+                    out_q.put((keys, ids, _SKIPPED), clock)
+                return
+            stats.add_batch(len(buf))
+            stats.add_items_out(len(buf))
+            out_q.put((keys, ids, payload), clock)
+
+        buf: list = []
+        deadline = None
+        try:
+            while True:
+                timeout = None
+                if buf and delay is not None:
+                    timeout = max(0.0, deadline - time.monotonic())
+                try:
+                    env = in_q.get(clock, timeout)
+                except TimeoutError:
+                    emit(buf)
+                    buf = []
+                    continue
+                except QueueClosed:
+                    break
+                stats.add_items_in(1)
+                if env[2] is _SKIPPED:
+                    out_q.put(env, clock)
+                    continue
+                if not buf and delay is not None:
+                    deadline = time.monotonic() + delay
+                buf.append(env)
+                if len(buf) >= size:
+                    emit(buf)
+                    buf = []
+            if buf:
+                emit(buf)
+        except QueueCancelled:
+            pass
+        except BaseException as e:
+            self.fail(e, f"'{spec.name}'")
+        finally:
+            clock.finish()
+            out_q.producer_done()
+
+    def _unbatch_worker(self, stage: _Stage):
+        spec, stats, in_q, out_q = stage.spec, stage.stats, stage.in_q, stage.out_q
+        clock = stats.clock(0)
+        clock.start()
+        try:
+            while True:
+                try:
+                    keys, ids, payload = in_q.get(clock)
+                except QueueClosed:
+                    break
+                if not isinstance(keys, tuple):  # a single failed item that skipped the batch stage
+                    stats.add_items_in(1)
+                    out_q.put((keys, ids, payload), clock)
+                    continue
+                stats.add_items_in(len(keys))
+                if payload is _SKIPPED:
+                    for k, i in zip(keys, ids):
+                        out_q.put((k, i, _SKIPPED), clock)
+                    continue
+                try:
+                    parts = _split_batch(payload, len(keys), spec.name)
+                except Exception as e:
+                    self.item_error(stage, (keys, ids, payload), e)
+                    if self.cancelled.is_set():
+                        break
+                    for k, i in zip(keys, ids):
+                        out_q.put((k, i, _SKIPPED), clock)
+                    continue
+                stats.add_batch(len(keys))
+                for k, i, part in zip(keys, ids, parts):
+                    out_q.put((k, i, part), clock)
+                    stats.add_items_out(1)
+        except QueueCancelled:
+            pass
+        except BaseException as e:
+            self.fail(e, f"'{spec.name}'")
+        finally:
+            clock.finish()
+            out_q.producer_done()
+
+    def _sink_worker(self, stage: _Stage):
+        spec, stats, in_q = stage.spec, stage.stats, stage.in_q
+        target = spec.fn
+        write = target.write if hasattr(target, "write") else target
+        poll = getattr(target, "poll", None)
+        poll_every = getattr(target, "max_delay", None) if poll is not None else None
+        reorder = _Reorder() if self.p._ordered else None
+        clock = stats.clock(0)
+        clock.start()
+        opened = False
+
+        def deliver(env):
+            keys, ids, payload = env
+            n = len(keys) if isinstance(keys, tuple) else 1
+            try:
+                write(payload)
+            except Exception as e:
+                self.item_error(stage, env, e)
+                return
+            stats.add_items_out(n)
+
+        try:
+            if hasattr(target, "open"):
+                target.open()
+            opened = True
+            while True:
+                try:
+                    env = in_q.get(clock, poll_every)
+                except TimeoutError:
+                    poll()
+                    continue
+                except QueueClosed:
+                    break
+                keys = env[0]
+                stats.add_items_in(len(keys) if isinstance(keys, tuple) else 1)
+                if reorder is not None:
+                    for e in reorder.push(env):
+                        deliver(e)
+                elif env[2] is not _SKIPPED:
+                    deliver(env)
+            if reorder is not None and not self.cancelled.is_set():
+                for e in reorder.flush():
+                    deliver(e)
+        except QueueCancelled:
+            pass
+        except BaseException as e:
+            self.fail(e, f"'{spec.name}'")
+        finally:
+            # Close even when cancelled: a sink commits what it already holds (no lost result).
+            try:
+                if opened and hasattr(target, "close"):
+                    target.close()
+            except BaseException as e:
+                self.fail(e, f"'{spec.name}' (close)")
+            clock.finish()
+
+    # ---- monitoring -------------------------------------------------------------------------------
+    def _gpu_sampler(self, devices: list[Device], stop: threading.Event, t0: float):
+        idx = sorted({d.index for d in devices if d.type == "cuda" and d.index is not None})
+        while True:
+            try:
+                infos = {i.ordinal: i for i in topology().gpus if getattr(i, "ordinal", None) in idx}
+                src = topology().source
+            except Exception:  # monitoring must never break a run
+                infos, src = {}, "unavailable"
+            now = time.monotonic() - t0
+            for i in idx:
+                info = infos.get(i)
+                self.gpu_samples.append({
+                    "t_s": now, "device": f"cuda:{i}", "source": src,
+                    "utilization": getattr(info, "utilization", None) if info else None,
+                    "used_memory": getattr(info, "used_memory", None) if info else None,
+                })
+            if stop.wait(0.5):
+                return
+
+    def _progress(self, stop: threading.Event):
+        try:
+            from tqdm import tqdm
+        except ImportError:  # pragma: no cover - tqdm is a dependency
+            return
+        all_stats = [self.source_stage] + self.stages
+        bars = [tqdm(total=None, position=i, desc=s.spec.name, unit="it", leave=True, dynamic_ncols=True)
+                for i, s in enumerate(all_stats)]
+        try:
+            while True:
+                done = stop.wait(0.2)
+                utils = [s.stats.utilization() for s in all_stats]
+                lim = max(range(len(utils)), key=lambda i: utils[i]) if utils else -1
+                for i, (s, bar) in enumerate(zip(all_stats, bars)):
+                    tag = " [bottleneck]" if i == lim and utils[i] > 0 else ""
+                    q = f" q={len(s.in_q)}/{s.in_q.capacity}" if s.in_q is not None else ""
+                    bar.set_description_str(f"{s.spec.name}{tag}", refresh=False)
+                    bar.set_postfix_str(f"busy {100 * utils[i]:.0f}%{q}", refresh=False)
+                    bar.n = s.stats.items_out
+                    bar.refresh()
+                if done:
+                    return
+        finally:
+            for bar in bars:
+                bar.close()
+
+    # ---- the run ----------------------------------------------------------------------------------
+    def execute(self) -> PipelineReport:
+        self.build()
+        monitor = _pl.Monitor(self.p._sample_interval)
+        for name, q in zip(self.queue_names, self.queues):
+            monitor.add_queue(name, q)
+        all_stages = [self.source_stage] + self.stages
+        for s in all_stages:
+            monitor.add_stage(s.stats)
+        gpu_devices: list[Device] = []
+        t0_ns = _pl.now_ns()
+        t0 = time.monotonic()
+        status = "completed"
+        stop_aux = threading.Event()
+        aux: list[threading.Thread] = []
+        try:
+            # Process pools and devices first: a failure here starts nothing.
+            for s in self.stages:
+                if s.spec.kind == "map" and s.spec.processes:
+                    s.pool = concurrent.futures.ProcessPoolExecutor(
+                        max_workers=s.spec.workers, mp_context=multiprocessing.get_context("spawn"),
+                        initializer=_ignore_sigint)
+                if s.spec.kind == "gpu":
+                    s.devices = s.spec.devices[0]  # worker w runs on devices[w // replicas_per_device]
+                    gpu_devices += [d for d in s.spec.devices[0] if d.type == "cuda"]
+            monitor.start()
+            self.threads.append(threading.Thread(target=self._source_worker, name="gf-source", daemon=True))
+            for s in self.stages:
+                k = s.spec.kind
+                if k in ("map", "gpu"):
+                    fn = None if (k == "gpu" and s.spec.factory) else s.spec.fn
+                    for w in range(s.spec.workers):
+                        self.threads.append(threading.Thread(target=self._stage_worker, args=(s, w, fn),
+                                                             name=f"gf-{s.spec.name}-{w}", daemon=True))
+                elif k == "batch":
+                    self.threads.append(threading.Thread(target=self._batch_worker, args=(s,), daemon=True,
+                                                         name=f"gf-{s.spec.name}"))
+                elif k == "unbatch":
+                    self.threads.append(threading.Thread(target=self._unbatch_worker, args=(s,), daemon=True,
+                                                         name=f"gf-{s.spec.name}"))
+                else:
+                    self.threads.append(threading.Thread(target=self._sink_worker, args=(s,), daemon=True,
+                                                         name=f"gf-{s.spec.name}"))
+            if gpu_devices and topology().source not in ("none",):
+                aux.append(threading.Thread(target=self._gpu_sampler, args=(gpu_devices, stop_aux, t0),
+                                            daemon=True, name="gf-gpu-sampler"))
+            if self.p._progress:
+                aux.append(threading.Thread(target=self._progress, args=(stop_aux,), daemon=True,
+                                            name="gf-progress"))
+            for t in aux + self.threads:
+                t.start()
+            self._join_all()
+        except BaseException as e:  # KeyboardInterrupt in the main thread, or a startup failure
+            status = "interrupted" if isinstance(e, KeyboardInterrupt) else "failed"
+            self.cancel()
+            self._join_all(final=True)
+            self._shutdown_pools()
+            monitor.stop()
+            stop_aux.set()
+            for t in aux:
+                t.join()
+            report = self._report(monitor, t0_ns, t0, status)
+            if self.failure is None or isinstance(e, KeyboardInterrupt):
+                e.pipeline_report = report
+                raise
+            self.failure.pipeline_report = report
+            raise self.failure from None
+        self._shutdown_pools()
+        monitor.stop()
+        stop_aux.set()
+        for t in aux:
+            t.join()
+        if self.failure is not None:
+            report = self._report(monitor, t0_ns, t0, "failed")
+            exc = self.failure
+            exc.pipeline_report = report
+            raise exc
+        return self._report(monitor, t0_ns, t0, status)
+
+    def _join_all(self, final: bool = False):
+        # Join with a timeout so Ctrl-C reaches the main thread while the workers run.
+        for t in self.threads:
+            while t.is_alive():
+                t.join(0.1 if not final else 0.5)
+
+    def _shutdown_pools(self):
+        for s in self.stages:
+            if s.pool is not None:
+                s.pool.shutdown(wait=True, cancel_futures=True)
+                s.pool = None
+
+    def _report(self, monitor, t0_ns: int, t0: float, status: str) -> PipelineReport:
+        wall = time.monotonic() - t0
+        all_stages = [self.source_stage] + self.stages
+        visible = [s for s in all_stages if not (self.internal_sink and s is self.sink_stage)]
+        reports = []
+        for s in visible:
+            tot = s.stats.totals()
+            workers = [s.stats.clock(w).totals() for w in range(s.stats.workers)]
+            devs, note = ([], "")
+            if s.spec.kind == "gpu":
+                devs, note = list(s.spec.devices[0]), s.spec.devices[1]
+            if s.spec.kind == "map" and s.spec.processes:
+                note = f"{s.spec.workers} spawned processes"
+            reports.append(StageReport(
+                name=s.spec.name, kind=s.spec.kind, workers=s.stats.workers, items_in=s.stats.items_in,
+                items_out=s.stats.items_out, batches=s.stats.batches, mean_batch_size=s.stats.mean_batch_size,
+                busy_s=tot["busy_s"], starved_s=tot["starved_s"], blocked_s=tot["blocked_s"],
+                wall_s=sum(w["wall_s"] for w in workers), utilization=s.stats.utilization(),
+                errors=s.stats.errors, devices=devs, note=note, workers_detail=workers))
+        lim = _pl.limiting_stage([s.stats for s in visible])
+        times, rows = monitor.samples()
+        names = monitor.names
+        cols = {n: [r[i] for r in rows] for i, n in enumerate(names)}
+        timeline = {
+            "t_s": times,
+            "offset_us": (monitor.start_ns - t0_ns) / 1e3,
+            "queues": {n: cols[n] for n in self.queue_names},
+            "items_out": {s.spec.name: cols[s.spec.name + ".items_out"] for s in visible},
+            "busy_s": {s.spec.name: cols[s.spec.name + ".busy_s"] for s in visible},
+        }
+        queues = [QueueReport(n, q.capacity, q.high_water, q.total_put) for n, q in zip(self.queue_names, self.queues)]
+        results = None
+        if self.internal_sink:
+            results = [item for item in self.sink_stage.spec.fn.items]
+        return PipelineReport(stages=reports, queues=queues, wall_s=wall,
+                              limiting_stage=visible[lim].spec.name if lim >= 0 else None,
+                              errors=sorted(self.errors, key=lambda e: e.index), results=results,
+                              timeline=timeline, gpu_samples=list(self.gpu_samples), status=status,
+                              trace_stats=[s.stats for s in visible], t0_ns=t0_ns)
