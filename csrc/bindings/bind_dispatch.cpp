@@ -1,8 +1,200 @@
-// Bindings for csrc/dispatch (empty until that part lands).
+// Bindings for csrc/dispatch: TaskSpec, TaskEvent, the Dispatcher run loop (GIL released; the hooks
+// take it briefly), the supervisor for other process owners (the executor), the pool.
+#include <pybind11/functional.h>
+#include <pybind11/stl.h>
+
+#include <memory>
+
 #include "bindings/bindings.h"
+#include "common/error.h"
+#include "dispatch/pool.h"
+#include "dispatch/process.h"
+#include "dispatch/scheduler.h"
+#include "dispatch/supervisor.h"
 
 namespace gpufleet::bindings {
 
-void bind_dispatch(py::module_& m) {}
+using namespace gpufleet::dispatch;
+
+namespace {
+
+OutputMode parse_output(const std::string& s) {
+  if (s == "files") return OutputMode::File;
+  if (s == "prefix") return OutputMode::Pipe;
+  if (s == "inherit") return OutputMode::Inherit;
+  if (s == "null") return OutputMode::Null;
+  throw std::invalid_argument("output must be 'files', 'prefix', 'inherit' or 'null', got '" + s + "'");
+}
+
+const char* kind_name(EventKind k) {
+  switch (k) {
+    case EventKind::Started: return "started";
+    case EventKind::Finished: return "finished";
+    case EventKind::Skipped: return "skipped";
+    case EventKind::NotStarted: return "not_started";
+    case EventKind::Message: return "message";
+  }
+  return "?";
+}
+
+struct PyDispatcher {
+  std::unique_ptr<Dispatcher> d;
+};
+
+}  // namespace
+
+void bind_dispatch(py::module_& m) {
+  py::class_<TaskSpec>(m, "TaskSpec")
+      .def(py::init([](std::int64_t seq, std::string key, std::string name, std::vector<std::string> argv,
+                       std::vector<std::pair<std::string, std::string>> env, std::string cwd,
+                       std::vector<std::pair<std::string, std::string>> outputs, int gpus,
+                       std::uint64_t min_free_memory, double timeout, int retries, int affinity) {
+             TaskSpec t;
+             t.seq = seq;
+             t.key = std::move(key);
+             t.name = std::move(name);
+             t.argv = std::move(argv);
+             t.env = std::move(env);
+             t.cwd = std::move(cwd);
+             for (auto& o : outputs) t.outputs.push_back({std::move(o.first), std::move(o.second)});
+             t.gpus = gpus;
+             t.min_free_memory = min_free_memory;
+             t.timeout_s = timeout;
+             t.retries = retries;
+             t.affinity = affinity;
+             return t;
+           }),
+           py::arg("seq"), py::arg("key"), py::arg("name"), py::arg("argv"), py::arg("env"), py::arg("cwd"),
+           py::arg("outputs"), py::arg("gpus"), py::arg("min_free_memory"), py::arg("timeout"), py::arg("retries"),
+           py::arg("affinity"))
+      .def_readonly("seq", &TaskSpec::seq)
+      .def_readonly("name", &TaskSpec::name)
+      .def_readonly("argv", &TaskSpec::argv);
+
+  py::class_<TaskEvent>(m, "TaskEvent")
+      .def_property_readonly("kind", [](const TaskEvent& e) { return kind_name(e.kind); })
+      .def_readonly("seq", &TaskEvent::seq)
+      .def_readonly("name", &TaskEvent::name)
+      .def_readonly("attempt", &TaskEvent::attempt)
+      .def_readonly("devices", &TaskEvent::devices)
+      .def_readonly("slot", &TaskEvent::slot)
+      .def_readonly("start", &TaskEvent::start)
+      .def_readonly("end", &TaskEvent::end)
+      .def_property_readonly("status", [](const TaskEvent& e) { return status_name(e.status); })
+      .def_readonly("exit_code", &TaskEvent::exit_code)
+      .def_readonly("signal", &TaskEvent::signal)
+      .def_readonly("final", &TaskEvent::final)
+      .def_readonly("log_path", &TaskEvent::log_path)
+      .def_readonly("message", &TaskEvent::message)
+      .def_readonly("pid", &TaskEvent::pid);
+
+  py::class_<PoolDevice>(m, "PoolDevice")
+      .def_readonly("ordinal", &PoolDevice::ordinal)
+      .def_readonly("physical_index", &PoolDevice::physical_index)
+      .def_readonly("visible_id", &PoolDevice::visible_id)
+      .def_readonly("name", &PoolDevice::name);
+  m.def("make_pool", &make_pool, py::arg("ordinals"));
+
+  py::class_<PyDispatcher>(m, "Dispatcher")
+      .def(py::init([](std::vector<int> ordinals, int slots_per_device, int cpu_slots, int quarantine_after,
+                       double kill_grace, double retry_backoff, const std::string& output, std::string log_dir,
+                       std::string journal, bool resume, bool skip_existing, std::size_t lookahead,
+                       double memory_poll, double event_interval, std::string description, py::function pull,
+                       py::function on_events, int wake_fd, py::object memory) {
+             DispatchOptions o;
+             o.devices = make_pool(ordinals);
+             o.slots_per_device = slots_per_device;
+             o.cpu_slots = cpu_slots;
+             o.quarantine_after = quarantine_after;
+             o.kill_grace_s = kill_grace;
+             o.retry_backoff_s = retry_backoff;
+             o.output = parse_output(output);
+             o.log_dir = std::move(log_dir);
+             o.journal_path = std::move(journal);
+             o.resume = resume;
+             o.skip_existing = skip_existing;
+             o.lookahead = lookahead;
+             o.memory_poll_s = memory_poll;
+             o.event_interval_s = event_interval;
+             o.description = std::move(description);
+             auto self = std::make_unique<PyDispatcher>();
+             PyDispatcher* raw = self.get();
+             DispatchHooks h;
+             // The hooks run on the dispatcher's thread with the GIL released; each takes it briefly.
+             h.pull = [pull](std::size_t max) {
+               py::gil_scoped_acquire gil;
+               return pull(max).cast<std::vector<TaskSpec>>();
+             };
+             h.on_events = [on_events](std::vector<TaskEvent>& evs) {
+               py::gil_scoped_acquire gil;
+               on_events(py::cast(evs));
+             };
+             h.check_interrupt = [raw] {
+               py::gil_scoped_acquire gil;
+               if (PyErr_CheckSignals() != 0) {
+                 if (PyErr_ExceptionMatches(PyExc_KeyboardInterrupt)) {
+                   PyErr_Clear();
+                   raw->d->interrupt();
+                 } else {
+                   throw py::error_already_set();
+                 }
+               }
+             };
+             if (!memory.is_none()) {
+               h.memory = [memory] {
+                 py::gil_scoped_acquire gil;
+                 std::vector<MemoryReading> out;
+                 for (auto item : memory()) {
+                   auto pr = item.cast<std::pair<std::optional<std::uint64_t>, std::optional<std::uint64_t>>>();
+                   out.push_back({pr.first, pr.second});
+                 }
+                 return out;
+               };
+             }
+             h.wake_fd = wake_fd;
+             self->d = std::make_unique<Dispatcher>(std::move(o), std::move(h));
+             return self;
+           }),
+           py::arg("devices"), py::arg("slots_per_device"), py::arg("cpu_slots"), py::arg("quarantine_after"),
+           py::arg("kill_grace"), py::arg("retry_backoff"), py::arg("output"), py::arg("log_dir"), py::arg("journal"),
+           py::arg("resume"), py::arg("skip_existing"), py::arg("lookahead"), py::arg("memory_poll"),
+           py::arg("event_interval"), py::arg("description"), py::arg("pull"), py::arg("on_events"),
+           py::arg("wake_fd") = -1, py::arg("memory") = py::none())
+      .def("run",
+           [](PyDispatcher& self) {
+             RunTotals t;
+             {
+               py::gil_scoped_release nogil;
+               t = self.d->run();
+             }
+             py::dict out;
+             out["succeeded"] = t.succeeded;
+             out["failed"] = t.failed;
+             out["skipped"] = t.skipped;
+             out["not_started"] = t.not_started;
+             out["attempts"] = t.attempts;
+             out["drained"] = t.drained;
+             out["cancelled"] = t.cancelled;
+             out["quarantined"] = t.quarantined;
+             out["run_id"] = t.run_id;
+             return out;
+           })
+      .def("interrupt", [](PyDispatcher& self) { self.d->interrupt(); })
+      .def("drain", [](PyDispatcher& self) { self.d->drain(); })
+      .def("cancel", [](PyDispatcher& self) { self.d->cancel(); })
+      .def_property_readonly("run_id", [](PyDispatcher& self) { return self.d->run_id(); });
+
+  // The executor and spawn launcher own their processes in Python (multiprocessing) but share the
+  // same reaper: see Note [No process outlives the dispatcher] in dispatch/supervisor.cpp.
+  py::class_<Supervisor>(m, "Supervisor")
+      .def(py::init<std::string, double>(), py::arg("marker"), py::arg("grace"))
+      .def("track", &Supervisor::track, py::arg("pgid"))
+      .def("untrack", &Supervisor::untrack, py::arg("pgid"))
+      .def("close", &Supervisor::close)
+      .def_property_readonly("pid", &Supervisor::pid)
+      .def_property_readonly("marker", &Supervisor::marker);
+  m.def("random_token", &random_token);
+  m.def("kill_marked_processes", &kill_marked_processes, py::arg("marker"), py::arg("signal"));
+}
 
 }  // namespace gpufleet::bindings

@@ -1,2 +1,630 @@
-"""Placeholder: filled by its part (see the issue tracker). Public names go in __all__."""
-__all__: list[str] = []
+"""The multi-GPU dispatcher for commands: ``Task``, ``run``, ``product`` and ``RunReport``.
+
+The run loop (slots, work-conserving queue with affinity, memory-aware admission, quarantine,
+timeouts and the kill sequence, retries, atomic outputs, the SQLite journal, drain and cancel) lives
+in C++ (csrc/dispatch) and runs with the GIL released. This module supplies the lazy task stream
+(pulled in bounded chunks), the progress display, the callbacks and the report.
+"""
+from __future__ import annotations
+
+import glob as _glob
+import hashlib
+import itertools
+import json
+import os
+import signal
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Iterator, Optional, Sequence, Union
+
+from . import _core, _devices
+from ._dispatch_template import expand as _expand, has_input_placeholder as _has_input_placeholder
+
+__all__ = ["Task", "TaskRecord", "RunReport", "run", "product"]
+
+PathLike = Union[str, "os.PathLike[str]"]
+_RESERVED_ENV = ("CUDA_VISIBLE_DEVICES", "CUDA_DEVICE_ORDER", "GPUFLEET_TASK_ID", "GPUFLEET_TASK_NAME",
+                 "GPUFLEET_DEVICE", "GPUFLEET_SLOT", "GPUFLEET_ATTEMPT", "GPUFLEET_RUN_ID")
+
+
+def _seconds(value, name: str) -> float:
+    if value is None:
+        return 0.0
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number of seconds or None, got {value!r}")
+    if value <= 0:
+        raise ValueError(f"{name} must be a positive number of seconds, got {value!r}")
+    return float(value)
+
+
+def _count(value, name: str, minimum: int = 0) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return value
+
+
+class Task:
+    """One command to run on the GPU pool.
+
+    ``cmd`` is an argv list (never a shell string, unless ``shell=True``: then a string run with
+    ``/bin/sh -c``). In it, ``{output}`` (or ``{output0}``, ``{output1}``, ...) stands for the
+    temporary name of a declared output; the file is renamed to its final name when the command
+    succeeds and removed when it fails. ``gpus=0`` is a CPU-only task (it sees no GPU);
+    ``min_free_memory`` (bytes or "4GiB") delays the start until a device has that much free;
+    ``affinity`` (a pool position, or ``"hash"`` for the seed's stable hash of the command) is a
+    preference: an idle device still steals the task.
+    """
+
+    __slots__ = ("cmd", "env", "cwd", "outputs", "gpus", "min_free_memory", "timeout", "retries", "name",
+                 "shell", "affinity", "_key_argv")
+
+    def __init__(self, cmd: Union[Sequence[str], str], *, env: Optional[dict] = None, cwd: Optional[PathLike] = None,
+                 outputs: Sequence[PathLike] = (), gpus: int = 1, min_free_memory: Union[int, str, None] = None,
+                 timeout: Optional[float] = None, retries: int = 0, name: Optional[str] = None, shell: bool = False,
+                 affinity: Union[int, str, None] = None):
+        if shell:
+            if not isinstance(cmd, str):
+                raise TypeError(f"with shell=True, cmd must be one string for /bin/sh -c, got {cmd!r}")
+            argv = ["/bin/sh", "-c", cmd]
+        else:
+            if isinstance(cmd, (str, bytes)):
+                raise TypeError(f"cmd must be a list of arguments, got the string {cmd!r}; pass shell=True to run it "
+                                "with /bin/sh -c")
+            argv = [os.fspath(a) if isinstance(a, os.PathLike) else a for a in cmd]
+            bad = [a for a in argv if not isinstance(a, str)]
+            if bad:
+                raise TypeError(f"every argument of cmd must be a string or a path, got {bad[0]!r} in {cmd!r}")
+            if not argv:
+                raise ValueError("cmd must not be empty")
+        self.cmd = argv
+        self.env = {}
+        for k, v in (env or {}).items():
+            if not isinstance(k, str) or not isinstance(v, str) or not k or "=" in k:
+                raise ValueError(f"env must map variable names to strings, got {k!r}: {v!r}")
+            if k in _RESERVED_ENV:
+                raise ValueError(f"env may not set {k}: the dispatcher sets it for each task")
+            self.env[k] = v
+        self.cwd = None if cwd is None else os.fspath(cwd)
+        if isinstance(outputs, (str, os.PathLike)):
+            outputs = [outputs]
+        self.outputs = [os.path.abspath(os.path.join(self.cwd or "", os.fspath(o))) for o in outputs]
+        self.gpus = _count(gpus, "gpus")
+        self.min_free_memory = 0 if min_free_memory is None else _devices.parse_memory_size(
+            min_free_memory, name="min_free_memory")
+        self.timeout = _seconds(timeout, "timeout")
+        self.retries = _count(retries, "retries")
+        if affinity is not None and affinity != "hash" and (isinstance(affinity, bool) or not isinstance(affinity, int)
+                                                            or affinity < 0):
+            raise ValueError(f"affinity must be None, a pool position (int >= 0) or 'hash', got {affinity!r}")
+        self.affinity = affinity
+        self.shell = shell
+        self.name = name if name is not None else " ".join(argv if not shell else [cmd])[:80]
+        self._key_argv = None
+
+    def __repr__(self) -> str:
+        return f"Task({self.cmd!r}, gpus={self.gpus}, outputs={self.outputs!r})"
+
+    def _key(self) -> str:
+        argv = self._key_argv if self._key_argv is not None else [_sub_outputs(a, self.outputs) for a in self.cmd]
+        blob = json.dumps([argv, self.cwd, self.outputs, sorted(self.env.items()), self.gpus], ensure_ascii=False)
+        return hashlib.sha1(blob.encode("utf-8", "surrogateescape")).hexdigest()
+
+    def _spec(self, seq: int, token: str, pool_size: int):
+        temps = [_temp_name(o, token) for o in self.outputs]
+        argv = [_sub_outputs(a, temps) for a in self.cmd]
+        affinity = -1
+        if self.affinity == "hash":
+            if pool_size:
+                affinity = int(hashlib.md5("\0".join(self.cmd).encode("utf-8", "surrogateescape")).hexdigest(), 16) % pool_size
+        elif self.affinity is not None:
+            affinity = self.affinity if self.affinity < pool_size else -1
+        return _core.TaskSpec(seq, self._key(), self.name, argv, list(self.env.items()), self.cwd or "",
+                              list(zip(self.outputs, temps)), self.gpus, self.min_free_memory, self.timeout,
+                              self.retries, affinity)
+
+
+def _temp_name(final: str, token: str) -> str:
+    d, base = os.path.split(final)
+    stem, ext = os.path.splitext(base)
+    return os.path.join(d, f".{stem}.gftmp-{token}{ext}")
+
+
+# ---- building tasks --------------------------------------------------------------------------
+
+def _input_values(source) -> list:
+    if isinstance(source, str):
+        matches = sorted(_glob.glob(source))
+        if not matches:
+            raise ValueError(f"the glob {source!r} matches no file (pass a list to use literal values)")
+        return matches
+    if isinstance(source, os.PathLike):
+        return [os.fspath(source)]
+    return [os.fspath(v) if isinstance(v, os.PathLike) else str(v) for v in source]
+
+
+def product(cmd: Sequence[str], *inputs, output: Optional[str] = None, name: Optional[str] = None,
+            **task_options) -> Iterator[Task]:
+    """The tasks of ``cmd`` for every combination of ``inputs`` (lists, or glob strings), lazily.
+
+    ``cmd`` uses GNU parallel's placeholders: ``{1}``, ``{2}`` (the inputs), ``{}``, ``{/}``, ``{.}``,
+    ``{/.}``, ``{//}``, ``{#}`` and ``{output}`` (the temporary name of ``output``, itself a template
+    such as ``"out/{1/.}_{2/.}.mp4"``). Seed 000 in one call::
+
+        gpufleet.product(["python", "swap.py", "--vid", "{1}", "--img", "{2}", "--output", "{output}"],
+                         "videos/*.mp4", "images/*.jpg", output="out/{1/.}_{2/.}.mp4")
+    """
+    if isinstance(cmd, str):
+        raise TypeError("cmd must be a list of arguments (templates), not one string")
+    lists = [_input_values(s) for s in inputs]
+    return _template_tasks(list(cmd), itertools.product(*lists), output, name, task_options)
+
+
+_MARK = "\0gfout\0"  # stands for the output in expanded templates; NUL never occurs in argv or file names
+
+
+class _OutputSlot(str):
+    """An argv word whose output placeholder is already expanded to ``_MARK``, so that input text
+    containing "{output}" (a hostile file name) is never expanded a second time."""
+
+    quote = False
+
+
+def _slot(arg: str, quote: bool) -> str:
+    if _MARK not in arg:
+        return arg
+    s = _OutputSlot(arg)
+    s.quote = quote
+    return s
+
+
+def _template_tasks(template: list, rows: Iterable[Sequence[str]], output: Optional[str], name: Optional[str],
+                    options: dict, shell: bool = False) -> Iterator[Task]:
+    append_inputs = not _has_input_placeholder(template)
+    for i, row in enumerate(rows):
+        seq1 = i + 1
+        out = None if output is None else _expand(output, row, seq1, None)
+        words = list(template) + (["{}"] if append_inputs and row else [])
+        argv = [_expand(w, row, seq1, _MARK if out is not None else None, quote=shell) for w in words]
+        key_argv = [a.replace(_MARK, out) for a in argv] if out is not None else argv
+        label = _expand(name, row, seq1, out) if name else (" ".join(row) if row else " ".join(key_argv))[:80]
+        if shell:
+            t = Task(_slot(" ".join(argv), True), shell=True, outputs=[out] if out else [], name=label, **options)
+        else:
+            t = Task([_slot(a, False) for a in argv], outputs=[out] if out else [], name=label, **options)
+        t._key_argv = key_argv
+        yield t
+
+
+def _sub_outputs(arg: str, paths: Sequence[str]) -> str:
+    if isinstance(arg, _OutputSlot):
+        if not paths:
+            raise ValueError("the command uses {output} but the task declares no output")
+        import shlex
+
+        return str.replace(arg, _MARK, shlex.quote(paths[0]) if arg.quote else paths[0])
+    if "{output" not in arg:
+        return arg
+    import re
+
+    def sub(m):
+        i = int(m.group(1) or 0)
+        if i >= len(paths):
+            raise ValueError(f"{m.group(0)} in the command refers to output {i}, but the task declares "
+                             f"{len(paths)} output{'s' if len(paths) != 1 else ''}")
+        return paths[i]
+
+    return re.sub(r"\{output(\d*)\}", sub, arg)
+
+
+# ---- reports ---------------------------------------------------------------------------------
+
+@dataclass
+class TaskRecord:
+    """What happened to one task (its last attempt), as ``RunReport.tasks`` lists it."""
+
+    seq: int
+    name: str
+    status: str                 # succeeded, failed, timed_out, cancelled, skipped, not_started
+    devices: list = field(default_factory=list)   # e.g. ["cuda:0"]; [] for CPU tasks and unstarted ones
+    slot: Optional[int] = None
+    start: Optional[float] = None   # Unix time
+    end: Optional[float] = None
+    attempts: int = 0
+    exit_code: Optional[int] = None
+    signal: Optional[int] = None
+    log_path: Optional[str] = None
+    message: str = ""
+
+    @property
+    def duration(self) -> Optional[float]:
+        return None if self.start is None or self.end is None else self.end - self.start
+
+    @property
+    def ok(self) -> bool:
+        return self.status in ("succeeded", "skipped")
+
+
+@dataclass
+class AttemptRecord:
+    seq: int
+    name: str
+    attempt: int
+    devices: list
+    slot: int
+    start: float
+    end: float
+    status: str
+
+
+class RunReport:
+    """The outcome of ``gpufleet.run``: per task (``tasks``), per attempt (``attempts``), per device
+    (``devices``: busy fraction, tasks, failures) and totals; ``summary()``, ``to_chrome_trace(path)``,
+    ``plot_timeline(path)``. Beyond ``max_records`` tasks only totals are kept (``records_truncated``)."""
+
+    def __init__(self, pool: list, slots_per_device: int, max_records: int):
+        self.pool = pool
+        self.slots_per_device = slots_per_device
+        self.tasks: list[TaskRecord] = []
+        self.attempts: list[AttemptRecord] = []
+        self.max_records = max_records
+        self.records_truncated = False
+        self.counts = {"succeeded": 0, "failed": 0, "timed_out": 0, "cancelled": 0, "skipped": 0, "not_started": 0}
+        self.started = time.time()
+        self.finished: Optional[float] = None
+        self.run_id = ""
+        self.drained = False
+        self.cancelled = False
+        self.quarantined: list[str] = []
+        self.messages: list[str] = []
+        self.journal: Optional[str] = None
+        self._busy = {}      # device name -> seconds
+        self._dev_tasks = {}
+        self._dev_fail = {}
+
+    # totals
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+    @property
+    def succeeded(self) -> int:
+        return self.counts["succeeded"]
+
+    @property
+    def failed(self) -> int:
+        return self.counts["failed"] + self.counts["timed_out"] + self.counts["cancelled"]
+
+    @property
+    def ok(self) -> bool:
+        return self.failed == 0 and self.counts["not_started"] == 0
+
+    @property
+    def wall_time(self) -> float:
+        return (self.finished or time.time()) - self.started
+
+    @property
+    def failed_tasks(self) -> list[TaskRecord]:
+        return [t for t in self.tasks if not t.ok and t.status != "not_started"]
+
+    @property
+    def devices(self) -> dict:
+        """Per device: ``busy`` (fraction of slot-time running tasks), ``tasks``, ``failures``."""
+        wall = max(self.wall_time, 1e-9)
+        out = {}
+        for d in self.pool:
+            name = f"cuda:{d.ordinal}"
+            out[name] = {"busy": self._busy.get(name, 0.0) / (wall * self.slots_per_device),
+                         "tasks": self._dev_tasks.get(name, 0), "failures": self._dev_fail.get(name, 0),
+                         "quarantined": name in self.quarantined}
+        if "cpu" in self._dev_tasks:
+            out["cpu"] = {"busy": None, "tasks": self._dev_tasks["cpu"], "failures": self._dev_fail.get("cpu", 0),
+                          "quarantined": False}
+        return out
+
+    def _attempt(self, ev, devs: list) -> None:
+        dur = max(0.0, ev.end - ev.start)
+        for name in devs or ["cpu"]:
+            self._busy[name] = self._busy.get(name, 0.0) + dur
+            self._dev_tasks[name] = self._dev_tasks.get(name, 0) + 1
+            if ev.status != "succeeded":
+                self._dev_fail[name] = self._dev_fail.get(name, 0) + 1
+        if len(self.attempts) < self.max_records:
+            self.attempts.append(AttemptRecord(ev.seq, ev.name, ev.attempt, devs, ev.slot, ev.start, ev.end, ev.status))
+
+    def _final(self, rec: TaskRecord) -> None:
+        self.counts[rec.status] = self.counts.get(rec.status, 0) + 1
+        if len(self.tasks) < self.max_records:
+            self.tasks.append(rec)
+        else:
+            self.records_truncated = True
+
+    def summary(self) -> str:
+        c = self.counts
+        lines = [f"gpufleet run {self.run_id}: {self.total} task{'s' if self.total != 1 else ''} in "
+                 f"{self.wall_time:.1f} s: {c['succeeded']} succeeded, {c['failed']} failed, {c['timed_out']} timed out, "
+                 f"{c['cancelled']} cancelled, {c['skipped']} skipped, {c['not_started']} not started"]
+        if self.drained or self.cancelled:
+            lines.append("interrupted: " + ("cancelled (kill sequence)" if self.cancelled else "drained (running tasks finished)"))
+        for name, d in self.devices.items():
+            busy = "" if d["busy"] is None else f"busy {100 * d['busy']:5.1f}%  "
+            lines.append(f"  {name:8s} {busy}tasks {d['tasks']:6d}  failures {d['failures']:4d}"
+                         + ("  QUARANTINED" if d["quarantined"] else ""))
+        failed = self.failed_tasks
+        for t in failed[:10]:
+            where = f" on {','.join(t.devices)}" if t.devices else ""
+            log = f" (log: {t.log_path})" if t.log_path else ""
+            lines.append(f"  FAILED #{t.seq + 1} {t.name!r}{where}: {t.message}{log}")
+        if len(failed) > 10:
+            lines.append(f"  ... and {len(failed) - 10} more failed tasks (report.failed_tasks)")
+        if self.records_truncated:
+            lines.append(f"  (per-task records kept for the first {self.max_records} tasks; totals cover all)")
+        if self.journal:
+            lines.append(f"  journal: {self.journal}")
+        return "\n".join(lines)
+
+    def __repr__(self) -> str:
+        return f"<RunReport {self.run_id}: {self.total} tasks, {self.succeeded} succeeded, {self.failed} failed>"
+
+    def to_chrome_trace(self, path: PathLike) -> str:
+        """Writes the attempts as Chrome trace JSON (Perfetto, chrome://tracing): one process per device,
+        one thread per slot. Returns the path."""
+        path = os.fspath(path)
+        t0 = min((a.start for a in self.attempts), default=self.started)
+        events = []
+        names = {}
+        for a in self.attempts:
+            for dev in a.devices or ["cpu"]:
+                pid = names.setdefault(dev, len(names))
+                events.append({"name": a.name, "cat": a.status, "ph": "X", "ts": (a.start - t0) * 1e6,
+                               "dur": max(0.0, a.end - a.start) * 1e6, "pid": pid, "tid": a.slot,
+                               "args": {"task": a.seq + 1, "attempt": a.attempt, "status": a.status}})
+        for dev, pid in names.items():
+            events.append({"name": "process_name", "ph": "M", "pid": pid, "args": {"name": dev}})
+        with open(path, "w") as f:
+            json.dump({"traceEvents": events, "displayTimeUnit": "ms",
+                       "otherData": {"run_id": self.run_id, "tool": "gpufleet"}}, f)
+        return path
+
+    def plot_timeline(self, path: PathLike) -> str:
+        """Draws a Gantt chart of every slot of every device (matplotlib, Agg backend). Returns the path."""
+        import matplotlib
+
+        matplotlib.use("Agg", force=False) if "matplotlib.pyplot" not in sys.modules else None
+        import matplotlib.pyplot as plt
+        from matplotlib.patches import Patch
+
+        path = os.fspath(path)
+        rows = [(f"cuda:{d.ordinal}", s) for d in self.pool for s in range(self.slots_per_device)]
+        if any(not a.devices for a in self.attempts):
+            rows += sorted({("cpu", a.slot) for a in self.attempts if not a.devices})
+        index = {r: i for i, r in enumerate(rows)}
+        colors = {"succeeded": "#4c9a2a", "failed": "#c0392b", "timed_out": "#e67e22", "cancelled": "#7f8c8d"}
+        t0 = min((a.start for a in self.attempts), default=self.started)
+        fig, ax = plt.subplots(figsize=(11, 1.2 + 0.35 * max(1, len(rows))))
+        for a in self.attempts:
+            for dev in a.devices or ["cpu"]:
+                i = index.get((dev, a.slot))
+                if i is None:
+                    continue
+                ax.broken_barh([(a.start - t0, max(a.end - a.start, 1e-3))], (i - 0.4, 0.8),
+                               facecolors=colors.get(a.status, "#34495e"), edgecolor="white", linewidth=0.3)
+        ax.set_yticks(range(len(rows)))
+        ax.set_yticklabels([f"{d} slot {s}" for d, s in rows])
+        ax.invert_yaxis()
+        ax.set_xlabel("seconds since the first task started")
+        ax.set_title(f"gpufleet run {self.run_id}: {self.total} tasks, {self.wall_time:.1f} s")
+        ax.legend(handles=[Patch(color=c, label=s) for s, c in colors.items()], loc="upper right", fontsize=7)
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        return path
+
+
+# ---- progress ----------------------------------------------------------------------------------
+
+class _Progress:
+    """A tqdm bar (terminal or Jupyter) with done/failed/running, rate and ETA, plus one line per GPU
+    with its running tasks and, when discovery knows them, its free memory and utilisation."""
+
+    def __init__(self, pool, slots: int, total: Optional[int]):
+        from tqdm.auto import tqdm
+
+        self.pool = pool
+        self.slots = slots
+        self.bar = tqdm(total=total, unit="task", dynamic_ncols=True, leave=True)
+        self.lines = [tqdm(total=0, bar_format="{desc}", position=i + 1, leave=False) for i in range(len(pool))]
+        self.last_info = 0.0
+        self.info = {}
+
+    def update(self, done: int, failed: int, running: dict) -> None:
+        self.bar.set_postfix_str(f"failed={failed} running={len(running)}", refresh=False)
+        self.bar.n = done
+        self.bar.refresh()
+        now = time.monotonic()
+        if self.lines and now - self.last_info > 1.0:
+            self.last_info = now
+            try:
+                self.info = {g.ordinal: g for g in _devices.devices()}
+            except Exception:  # progress must never break a run
+                self.info = {}
+        for line, d in zip(self.lines, self.pool):
+            mine = [r for r in running.values() if f"cuda:{d.ordinal}" in r[1]]
+            g = self.info.get(d.ordinal)
+            extra = ""
+            if g is not None and g.free_memory is not None:
+                extra += f"  free {_devices.format_memory_size(g.free_memory)}"
+            if g is not None and g.utilization is not None:
+                extra += f"  util {g.utilization}%"
+            names = ", ".join(r[0] for r in mine)[:60]
+            line.set_description_str(f"  cuda:{d.ordinal} [{len(mine)}/{self.slots}]{extra}  {names}", refresh=True)
+
+    def write(self, text: str) -> None:
+        self.bar.write(text, file=sys.stderr)
+
+    def close(self) -> None:
+        for line in self.lines:
+            line.close()
+        self.bar.close()
+
+
+# ---- run ---------------------------------------------------------------------------------------
+
+def _resolve_devices(devices) -> list[int]:
+    if devices is None or devices == "auto":
+        return list(range(_devices.device_count()))
+    if isinstance(devices, str):
+        if devices.strip() in ("", "none", "cpu"):
+            return []
+        devices = [d.strip() for d in devices.split(",") if d.strip()]
+        devices = [int(d) if d.isdigit() else d for d in devices]
+    if isinstance(devices, int) and not isinstance(devices, bool):
+        raise TypeError(f"devices must be 'auto', a list of devices or a string like '0,2', got the int {devices}; "
+                        f"for one device write [{devices}]")
+    out = []
+    for d in devices:
+        dev = _devices.as_device(d)
+        if dev.type != "cuda" or dev.index is None:
+            raise ValueError(f"devices takes CUDA devices with an index (2, 'cuda:2'), got {d!r}")
+        out.append(dev.index)
+    return out
+
+
+def run(tasks: Iterable[Union[Task, Sequence[str]]], devices: Any = "auto", slots_per_device: int = 1, *,
+        cpu_slots: Optional[int] = None, journal: Optional[PathLike] = None, resume: bool = False,
+        skip_existing: bool = False, log_dir: Optional[PathLike] = None, output: Optional[str] = None,
+        progress: Optional[bool] = None, quiet: bool = False, total: Optional[int] = None,
+        on_start: Optional[Callable[[TaskRecord], Any]] = None,
+        on_finish: Optional[Callable[[TaskRecord], Any]] = None,
+        quarantine_after: int = 5, kill_grace: float = 5.0, retry_backoff: float = 0.5,
+        memory_poll: float = 0.5, max_records: int = 100_000, check: bool = False) -> RunReport:
+    """Runs every task on the device pool and returns a ``RunReport``.
+
+    ``tasks`` is any iterable of ``Task`` (or argv lists), consumed lazily in bounded chunks.
+    ``devices``: ``"auto"`` (every visible GPU), a list (``[0, 2]``, ``["cuda:1"]``) or ``"0,2"``.
+    ``journal``: an SQLite file recording every task; with ``resume=True`` tasks recorded as
+    succeeded whose outputs still exist are skipped. ``skip_existing`` skips tasks whose declared
+    outputs all exist (safe: outputs are atomic). Output of tasks goes to ``log_dir`` (one file per
+    attempt) or, without one, to this process's stdout with a ``[name]`` prefix (``output="inherit"``
+    or ``"null"`` also work). ``progress`` defaults to on when stderr is a terminal and not ``quiet``.
+    The first Ctrl-C drains (running tasks finish, nothing new starts), the second cancels them.
+    ``check=True`` raises ``RuntimeError`` with the summary when a task failed.
+    """
+    ordinals = _resolve_devices(devices)
+    slots_per_device = _count(slots_per_device, "slots_per_device", 1)
+    if cpu_slots is not None:
+        _count(cpu_slots, "cpu_slots", 1)
+    if resume and journal is None:
+        raise ValueError("resume=True needs a journal (journal='run.sqlite')")
+    if output is None:
+        output = "files" if log_dir is not None else "prefix"
+    if output not in ("files", "prefix", "inherit", "null"):
+        raise ValueError(f"output must be 'files', 'prefix', 'inherit' or 'null', got {output!r}")
+    if output == "files" and log_dir is None:
+        raise ValueError("output='files' needs log_dir")
+    if total is None and hasattr(tasks, "__len__"):
+        total = len(tasks)  # type: ignore[arg-type]
+    if progress is None:
+        progress = not quiet and sys.stderr.isatty()
+
+    token = _core.random_token()[:12]
+    pool = _core.make_pool(ordinals)
+    report = RunReport(pool, slots_per_device, max_records)
+    report.journal = None if journal is None else os.path.abspath(os.fspath(journal))
+    it = iter(tasks)
+    state = {"seq": 0, "done": 0, "failed": 0, "running": {}, "attempts": {}}
+    bar = _Progress(pool, slots_per_device, total) if progress else None
+
+    def pull(n: int):
+        out = []
+        for t in itertools.islice(it, n):
+            if not isinstance(t, Task):
+                if isinstance(t, (list, tuple)):
+                    t = Task(list(t))
+                else:
+                    raise TypeError(f"tasks must yield gpufleet.Task objects or argv lists, got {t!r}")
+            out.append(t._spec(state["seq"], token, len(pool)))
+            state["seq"] += 1
+        return out
+
+    def dev_names(ev) -> list:
+        return [f"cuda:{pool[i].ordinal}" for i in ev.devices]
+
+    def record(ev, attempts: int) -> TaskRecord:
+        started = ev.kind in ("finished",) and ev.pid != 0
+        return TaskRecord(ev.seq, ev.name, ev.status, dev_names(ev), ev.slot if ev.kind == "finished" else None,
+                          ev.start if started else None, ev.end if started else None, attempts, ev.exit_code,
+                          ev.signal, ev.log_path or None, ev.message)
+
+    def on_events(events) -> None:
+        for ev in events:
+            kind = ev.kind
+            if kind == "started":
+                state["running"][ev.seq] = (ev.name, dev_names(ev))
+                state["attempts"][ev.seq] = ev.attempt
+                if on_start is not None:
+                    on_start(TaskRecord(ev.seq, ev.name, "running", dev_names(ev), ev.slot, ev.start, None,
+                                        ev.attempt, None, None, ev.log_path or None, ""))
+            elif kind == "message":
+                report.messages.append(ev.message)
+                text = f"gpufleet: {ev.message}"
+                if bar is not None:
+                    bar.write(text)
+                else:
+                    print(text, file=sys.stderr, flush=True)
+            else:
+                if kind == "finished":
+                    state["running"].pop(ev.seq, None)
+                    if ev.pid != 0 or ev.attempt:
+                        report._attempt(ev, dev_names(ev))
+                if kind == "finished" and not ev.final:
+                    continue
+                attempts = state["attempts"].pop(ev.seq, 0)
+                rec = record(ev, attempts)
+                report._final(rec)
+                state["done"] += 1
+                if not rec.ok and rec.status != "not_started":
+                    state["failed"] += 1
+                    if bar is None and not quiet:
+                        print(f"gpufleet: task #{rec.seq + 1} {rec.name!r} {rec.status}: {rec.message}", file=sys.stderr,
+                              flush=True)
+                if on_finish is not None:
+                    on_finish(rec)
+        if bar is not None:
+            bar.update(state["done"], state["failed"], state["running"])
+
+    wake_r = wake_w = -1
+    old_wakeup = None
+    if threading.current_thread() is threading.main_thread():
+        wake_r, wake_w = os.pipe()
+        os.set_blocking(wake_w, False)
+        os.set_blocking(wake_r, False)
+        old_wakeup = signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
+    try:
+        d = _core.Dispatcher(
+            ordinals, slots_per_device, cpu_slots or 0, quarantine_after, float(kill_grace), float(retry_backoff),
+            output, "" if log_dir is None else os.fspath(log_dir), "" if journal is None else os.fspath(journal),
+            bool(resume), bool(skip_existing), 0, float(memory_poll), 0.1 if (bar or on_start or on_finish) else 0.25,
+            " ".join(sys.argv)[:1000], pull, on_events, wake_r)
+        totals = d.run()
+    finally:
+        if old_wakeup is not None:
+            signal.set_wakeup_fd(old_wakeup)
+        for fd in (wake_r, wake_w):
+            if fd >= 0:
+                os.close(fd)
+        report.finished = time.time()
+        if bar is not None:
+            bar.close()
+    report.run_id = totals["run_id"]
+    report.drained = totals["drained"]
+    report.cancelled = totals["cancelled"]
+    report.quarantined = [f"cuda:{pool[i].ordinal}" for i in totals["quarantined"]]
+    if report.attempts:
+        report.started = min(report.started, min(a.start for a in report.attempts))
+    if check and not report.ok:
+        raise RuntimeError(report.summary())
+    return report
