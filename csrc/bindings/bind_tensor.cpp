@@ -1,8 +1,589 @@
-// Bindings for csrc/tensor (empty until that part lands).
+// Bindings for csrc/tensor: dtypes, Tensor, NumPy sharing, DLPack capsules, streams and events, the
+// current device, allocator stats, scatter/gather. Argument parsing that is plain glue (to()'s
+// positional forms, tensor() from nested lists, Module) lives in python/gpufleet/_tensor.py.
+#include <pybind11/numpy.h>
+#include <pybind11/operators.h>
+
+#include <array>
+#include <pybind11/stl.h>
+
 #include "bindings/bindings.h"
+#include "common/error.h"
+#include "tensor/allocator.h"
+#include "tensor/dlpack_exchange.h"
+#include "tensor/stream.h"
+#include "tensor/tensor.h"
 
 namespace gpufleet::bindings {
 
-void bind_tensor(py::module_& m) {}
+namespace {
+
+/// The Python face of a DType. One instance per dtype (gpufleet.float32 is gpufleet.float32), as
+/// torch.dtype objects are singletons.
+struct PyDType {
+  DType d;
+};
+
+std::array<py::object, kNumDTypes>& dtype_objects() {
+  static auto* objs = new std::array<py::object, kNumDTypes>();  // leaked: outlives finalization
+  return *objs;
+}
+
+py::object dtype_obj(DType d) { return dtype_objects()[static_cast<int>(d)]; }
+
+std::string type_name(py::handle obj) {
+  return py::str(py::type::handle_of(obj).attr("__name__")).cast<std::string>();
+}
+
+/// A gpufleet dtype, a name ("float32", "half", "torch.float16"), a NumPy dtype or scalar type, or a
+/// torch.dtype.
+DType dtype_from_py(py::handle obj) {
+  if (py::isinstance<PyDType>(obj)) return obj.cast<const PyDType&>().d;
+  if (py::isinstance<py::str>(obj)) return parse_dtype(obj.cast<std::string>());
+  const std::string tname = type_name(obj);
+  if (tname == "dtype" && py::hasattr(obj, "is_floating_point")) return parse_dtype(py::str(obj).cast<std::string>());
+  try {
+    py::dtype dt = py::dtype::from_args(py::reinterpret_borrow<py::object>(obj));
+    if (!dt.attr("isnative").cast<bool>())
+      throw TypeError_(fmt::format("dtype {} is not in native byte order", py::repr(obj).cast<std::string>()));
+    const std::string name = py::str(dt.attr("name")).cast<std::string>();
+    try {
+      return parse_dtype(name);
+    } catch (const TypeError_&) {
+      throw TypeError_(fmt::format("unsupported dtype {}: gpufleet tensors hold {}", py::repr(obj).cast<std::string>(),
+                                   accepted_dtype_names()));
+    }
+  } catch (const py::error_already_set&) {
+    throw TypeError_(fmt::format("expected a dtype, got {} of type {}; accepted: gpufleet dtypes (gpufleet.float32), "
+                                 "names ('float32'), NumPy dtypes or torch dtypes",
+                                 py::repr(obj).cast<std::string>(), tname));
+  }
+}
+
+std::optional<DType> opt_dtype(py::handle obj) {
+  if (obj.is_none()) return std::nullopt;
+  return dtype_from_py(obj);
+}
+
+std::optional<Device> opt_device(py::handle obj) {
+  if (obj.is_none()) return std::nullopt;
+  return device_from_py(obj);
+}
+
+Shape shape_from_py(py::handle obj) {
+  if (PyLong_Check(obj.ptr()) && !PyBool_Check(obj.ptr())) return {obj.cast<std::int64_t>()};
+  GF_CHECK_TYPE(py::isinstance<py::sequence>(obj) && !py::isinstance<py::str>(obj),
+                "expected a shape (an int or a sequence of ints), got {}", py::repr(obj).cast<std::string>());
+  Shape s;
+  for (auto item : obj) {
+    GF_CHECK_TYPE(PyLong_Check(item.ptr()) || py::hasattr(item, "__index__"),
+                  "shape entries must be ints, got {} in {}", py::repr(item).cast<std::string>(),
+                  py::repr(obj).cast<std::string>());
+    s.push_back(py::int_(py::reinterpret_borrow<py::object>(item)).cast<std::int64_t>());
+  }
+  return s;
+}
+
+Scalar scalar_from_py(py::handle v) {
+  if (PyBool_Check(v.ptr())) return std::int64_t{v.ptr() == Py_True ? 1 : 0};
+  if (PyLong_Check(v.ptr())) return v.cast<std::int64_t>();
+  if (PyFloat_Check(v.ptr())) return v.cast<double>();
+  if (py::hasattr(v, "dtype") && py::hasattr(v, "item")) return scalar_from_py(v.attr("item")());
+  throw TypeError_(fmt::format("expected a number (bool, int or float), got {} of type {}",
+                               py::repr(v).cast<std::string>(), type_name(v)));
+}
+
+py::dtype numpy_dtype(DType d) {
+  GF_CHECK_TYPE(d != DType::BFloat16,
+                "NumPy has no bfloat16 dtype: convert first with t.to(gpufleet.float32).numpy() (exact: every "
+                "bfloat16 value is a float32)");
+  return py::dtype(std::string(dtype_name(d)));
+}
+
+/// Releases a Python object held by a Storage: takes the GIL, and leaks the reference instead when
+/// the interpreter is finalizing or gone (Note [DLPack ownership]).
+void release_py_object(py::object* keep) {
+  if (!Py_IsInitialized()) return;
+#if PY_VERSION_HEX >= 0x030D0000
+  if (Py_IsFinalizing()) return;
+#else
+  if (_Py_IsFinalizing()) return;
+#endif
+  py::gil_scoped_acquire gil;
+  delete keep;
+}
+
+void call_with_gil(const std::function<void()>& f) {
+  if (!Py_IsInitialized()) return;
+#if PY_VERSION_HEX >= 0x030D0000
+  if (Py_IsFinalizing()) return;
+#else
+  if (_Py_IsFinalizing()) return;
+#endif
+  py::gil_scoped_acquire gil;
+  f();
+}
+
+Tensor from_numpy(py::handle obj) {
+  GF_CHECK_TYPE(py::isinstance<py::array>(obj), "from_numpy expects a numpy.ndarray, got {} of type {}",
+                py::repr(obj).cast<std::string>().substr(0, 80), type_name(obj));
+  auto a = py::reinterpret_borrow<py::array>(obj);
+  const DType dt = dtype_from_py(a.dtype());
+  GF_CHECK_ARG(a.writeable(),
+               "from_numpy needs a writeable array (gpufleet tensors are writable and share its memory); "
+               "pass a.copy(), or use gpufleet.tensor(a) to copy it");
+  const auto item = static_cast<std::int64_t>(itemsize(dt));
+  Shape shape(a.shape(), a.shape() + a.ndim()), strides(a.ndim());
+  std::int64_t last = 0;
+  const std::int64_t numel = checked_numel(shape);
+  for (py::ssize_t i = 0; i < a.ndim(); ++i) {
+    const std::int64_t st = a.strides()[i];
+    if (shape[i] <= 1) {
+      strides[i] = std::max<std::int64_t>(st / item, 0);
+      continue;
+    }
+    GF_CHECK_ARG(st >= 0, "from_numpy does not support negative strides (array strides {}); pass a.copy()",
+                 shape_str(Shape(a.strides(), a.strides() + a.ndim())));
+    GF_CHECK_ARG(st % item == 0, "from_numpy needs strides that are multiples of the {}-byte element size (array "
+                 "strides {}); pass a.copy()", item, shape_str(Shape(a.strides(), a.strides() + a.ndim())));
+    strides[i] = st / item;
+    last += (shape[i] - 1) * strides[i];
+  }
+  void* data = const_cast<void*>(a.data());
+  GF_CHECK_ARG(reinterpret_cast<std::uintptr_t>(data) % item == 0 || numel == 0,
+               "from_numpy needs an aligned array; pass a.copy()");
+  const std::size_t nbytes = numel > 0 ? static_cast<std::size_t>((last + 1) * item) : 0;
+  auto* keep = new py::object(py::reinterpret_borrow<py::object>(obj));
+  auto storage = wrap_storage(numel > 0 ? data : nullptr, nbytes, Device::cpu(), MemoryKind::Pageable,
+                              [keep](void*) { release_py_object(keep); });
+  return Tensor(std::move(storage), 0, std::move(shape), std::move(strides), dt);
+}
+
+py::array to_numpy(py::object self) {
+  const Tensor& t = self.cast<const Tensor&>();
+  if (!t.device().is_cpu())
+    throw TypeError_(fmt::format("can't convert {} device type tensor to numpy. Use Tensor.cpu() to copy the tensor "
+                                 "to host memory first.",
+                                 t.device().str()));
+  py::dtype dt = numpy_dtype(t.dtype());
+  {
+    py::gil_scoped_release nogil;
+    t.storage()->wait_pending();
+  }
+  std::vector<py::ssize_t> shape(t.shape().begin(), t.shape().end()), strides;
+  for (auto s : t.strides()) strides.push_back(static_cast<py::ssize_t>(s * static_cast<std::int64_t>(t.itemsize())));
+  static char dummy[64];  // NumPy wants a non-NULL pointer even for empty arrays
+  void* data = t.data_ptr() ? t.data_ptr() : dummy;
+  return py::array(dt, shape, strides, data, self);
+}
+
+/// True when `b` is `a` unchanged (so Python can return the very same object, as PyTorch does).
+bool same_view(const Tensor& a, const Tensor& b) {
+  return a.shares_storage_with(b) && a.storage_offset() == b.storage_offset() && a.shape() == b.shape() &&
+         a.strides() == b.strides() && a.dtype() == b.dtype();
+}
+
+py::object self_or(py::object self, Tensor result) {
+  if (same_view(self.cast<const Tensor&>(), result)) return self;
+  return py::cast(std::move(result));
+}
+
+// ---- DLPack capsules --------------------------------------------------------------------------
+void dltensor_capsule_destructor(PyObject* capsule) {
+  if (PyCapsule_IsValid(capsule, "used_dltensor")) return;
+  PyObject *type, *value, *tb;
+  PyErr_Fetch(&type, &value, &tb);
+  auto* m = static_cast<DLManagedTensor*>(PyCapsule_GetPointer(capsule, "dltensor"));
+  if (m == nullptr) PyErr_WriteUnraisable(capsule);
+  else if (m->deleter) m->deleter(m);
+  PyErr_Restore(type, value, tb);
+}
+
+void dltensor_versioned_capsule_destructor(PyObject* capsule) {
+  if (PyCapsule_IsValid(capsule, "used_dltensor_versioned")) return;
+  PyObject *type, *value, *tb;
+  PyErr_Fetch(&type, &value, &tb);
+  auto* m = static_cast<DLManagedTensorVersioned*>(PyCapsule_GetPointer(capsule, "dltensor_versioned"));
+  if (m == nullptr) PyErr_WriteUnraisable(capsule);
+  else if (m->deleter) m->deleter(m);
+  PyErr_Restore(type, value, tb);
+}
+
+py::object to_dlpack_capsule(const Tensor& self, py::object stream, py::object max_version, py::object dl_device,
+                             py::object copy) {
+  Tensor t = self;
+  bool copied = false;
+  const std::optional<bool> cp = copy.is_none() ? std::nullopt : std::optional<bool>(copy.cast<bool>());
+  if (!dl_device.is_none()) {
+    const auto want = dl_device.cast<std::pair<int, int>>();
+    const DLDevice own = dlpack_device(t);
+    const bool host_view = t.device().is_cpu() && want.first == kDLCPU && want.second == 0;
+    if (!(want.first == own.device_type && want.second == own.device_id) && !host_view) {
+      if (want.first == kDLCPU && want.second == 0) {
+        if (cp == false)
+          throw py::buffer_error(fmt::format("exporting a tensor on {} to the CPU (dl_device=(1, 0)) needs a copy, "
+                                             "but copy=False",
+                                             t.device().str()));
+        py::gil_scoped_release nogil;
+        t = t.to(Device::cpu());
+        copied = true;
+      } else {
+        throw py::buffer_error(fmt::format("cannot export a tensor on {} (DLPack device ({}, {})) to DLPack device "
+                                           "({}, {}): gpufleet exports to the tensor's own device or to the CPU (1, 0)",
+                                           t.device().str(), static_cast<int>(own.device_type), own.device_id,
+                                           want.first, want.second));
+      }
+    }
+  }
+  if (cp == true && !copied) {
+    py::gil_scoped_release nogil;
+    t = t.clone();
+    copied = true;
+  }
+  std::optional<std::int64_t> s;
+  if (!stream.is_none()) {
+    GF_CHECK_TYPE(PyLong_Check(stream.ptr()) && !PyBool_Check(stream.ptr()),
+                  "stream must be None or an int (1: legacy default stream, 2: per-thread default, -1: no "
+                  "synchronisation, or a cudaStream_t), got {}",
+                  py::repr(stream).cast<std::string>());
+    s = stream.cast<std::int64_t>();
+  }
+  {
+    py::gil_scoped_release nogil;
+    dlpack_sync_for_consumer(t, s);
+  }
+  bool versioned = false;
+  if (!max_version.is_none()) {
+    const auto mv = max_version.cast<std::pair<int, int>>();
+    versioned = mv.first >= 1;
+  }
+  PyObject* cap = versioned ? PyCapsule_New(to_dlpack_versioned(t, copied), "dltensor_versioned",
+                                            dltensor_versioned_capsule_destructor)
+                            : PyCapsule_New(to_dlpack(t), "dltensor", dltensor_capsule_destructor);
+  if (!cap) throw py::error_already_set();
+  return py::reinterpret_steal<py::object>(cap);
+}
+
+Tensor from_dlpack_capsule(py::handle capsule, std::optional<bool> copy) {
+  PyObject* c = capsule.ptr();
+  GF_CHECK_TYPE(PyCapsule_CheckExact(c), "expected a DLPack capsule or an object with __dlpack__, got {}",
+                type_name(capsule));
+  Tensor t;
+  bool read_only = false, producer_copied = false;
+  if (PyCapsule_IsValid(c, "dltensor_versioned")) {
+    auto* m = static_cast<DLManagedTensorVersioned*>(PyCapsule_GetPointer(c, "dltensor_versioned"));
+    producer_copied = (m->flags & DLPACK_FLAG_BITMASK_IS_COPIED) != 0;
+    if (PyCapsule_SetName(c, "used_dltensor_versioned") != 0) throw py::error_already_set();
+    t = from_dlpack(m, &read_only, call_with_gil);
+  } else if (PyCapsule_IsValid(c, "dltensor")) {
+    auto* m = static_cast<DLManagedTensor*>(PyCapsule_GetPointer(c, "dltensor"));
+    if (PyCapsule_SetName(c, "used_dltensor") != 0) throw py::error_already_set();
+    t = from_dlpack(m, call_with_gil);
+  } else {
+    const char* name = PyCapsule_GetName(c);
+    PyErr_Clear();
+    throw std::invalid_argument(fmt::format("this capsule cannot be imported: its name is '{}' (a DLPack capsule is "
+                                            "named 'dltensor' or 'dltensor_versioned'; 'used_*' ones were already "
+                                            "consumed)",
+                                            name ? name : "NULL"));
+  }
+  if (read_only) {
+    if (copy == false)
+      throw py::buffer_error("the producer exported a read-only array and gpufleet tensors are writable: a copy "
+                             "is needed but copy=False");
+    py::gil_scoped_release nogil;
+    return t.clone();
+  }
+  if (copy == true && !producer_copied) {
+    py::gil_scoped_release nogil;
+    return t.clone();
+  }
+  return t;
+}
+
+int cuda_index_from_py(py::handle obj, const char* what) {
+  if (obj.is_none()) return current_cuda_index();
+  const Device d = device_from_py(obj);
+  GF_CHECK_ARG(d.is_cuda(), "{} expects a CUDA device, got '{}'", what, d.str());
+  return resolve_device(d).index;
+}
+
+py::dict stats_dict(const AllocatorStats& s) {
+  py::dict d;
+  d["allocated_bytes"] = s.allocated_bytes;
+  d["peak_allocated_bytes"] = s.peak_allocated_bytes;
+  d["reserved_bytes"] = s.reserved_bytes;
+  d["peak_reserved_bytes"] = s.peak_reserved_bytes;
+  d["cached_bytes"] = s.cached_bytes;
+  d["num_allocs"] = s.num_allocs;
+  d["num_frees"] = s.num_frees;
+  d["num_cache_hits"] = s.num_cache_hits;
+  d["num_raw_allocs"] = s.num_raw_allocs;
+  d["num_raw_frees"] = s.num_raw_frees;
+  d["num_oom_retries"] = s.num_oom_retries;
+  d["active_blocks"] = s.active_blocks;
+  d["cached_blocks"] = s.cached_blocks;
+  return d;
+}
+
+std::vector<Device> devices_from_py(py::handle seq) {
+  GF_CHECK_TYPE(py::isinstance<py::sequence>(seq) && !py::isinstance<py::str>(seq),
+                "devices must be a sequence of devices, got {}", py::repr(seq).cast<std::string>());
+  std::vector<Device> out;
+  for (auto d : seq) out.push_back(device_from_py(d));
+  return out;
+}
+
+}  // namespace
+
+void bind_tensor(py::module_& m) {
+  py::class_<PyDType>(m, "dtype", "A gpufleet element type (gpufleet.float32, gpufleet.bfloat16, ...).")
+      .def_property_readonly("name", [](const PyDType& d) { return std::string(dtype_name(d.d)); })
+      .def_property_readonly("itemsize", [](const PyDType& d) { return itemsize(d.d); })
+      .def_property_readonly("is_floating_point", [](const PyDType& d) { return is_floating_point(d.d); })
+      .def("__repr__", [](const PyDType& d) { return fmt::format("gpufleet.{}", dtype_name(d.d)); })
+      .def("__reduce__", [](const PyDType& d) {
+        return py::make_tuple(py::module_::import("gpufleet").attr("as_dtype"), py::make_tuple(dtype_name(d.d)));
+      });
+  for (int i = 0; i < kNumDTypes; ++i) {
+    dtype_objects()[i] = py::cast(PyDType{static_cast<DType>(i)});
+    m.attr(("dtype_" + std::string(dtype_name(static_cast<DType>(i)))).c_str()) = dtype_objects()[i];
+  }
+  m.def("as_dtype", [](py::handle obj) { return dtype_obj(dtype_from_py(obj)); }, py::arg("dtype"),
+        "Converts a dtype-like (gpufleet dtype, name, NumPy dtype, torch.dtype) to a gpufleet dtype.");
+
+  py::class_<Tensor>(m, "Tensor", "An n-dimensional array on the host or a CUDA device.")
+      .def_property_readonly("dtype", [](const Tensor& t) { return dtype_obj(t.dtype()); })
+      .def_property_readonly("shape", [](const Tensor& t) { return py::tuple(py::cast(t.shape())); })
+      .def_property_readonly("strides", [](const Tensor& t) { return py::tuple(py::cast(t.strides())); },
+                             "Strides in elements (PyTorch's convention, not NumPy's bytes).")
+      .def_property_readonly("ndim", &Tensor::ndim)
+      .def_property_readonly("device", [](const Tensor& t) { return t.device(); })
+      .def_property_readonly("is_cuda", &Tensor::is_cuda)
+      .def_property_readonly("nbytes", &Tensor::nbytes)
+      .def_property_readonly("itemsize", &Tensor::itemsize)
+      .def_property_readonly("memory_kind", [](const Tensor& t) { return std::string(memory_kind_name(t.memory_kind())); },
+                             "'pageable', 'pinned' or 'device'.")
+      .def("dim", &Tensor::ndim)
+      .def("numel", &Tensor::numel)
+      .def("element_size", &Tensor::itemsize)
+      .def("size", [](const Tensor& t, std::optional<int> dim) -> py::object {
+             if (dim) return py::int_(t.size(*dim));
+             return py::tuple(py::cast(t.shape()));
+           }, py::arg("dim") = py::none())
+      .def("stride", [](const Tensor& t, std::optional<int> dim) -> py::object {
+             if (dim) return py::int_(t.strides()[t.wrap_dim(*dim)]);
+             return py::tuple(py::cast(t.strides()));
+           }, py::arg("dim") = py::none())
+      .def("is_contiguous", &Tensor::is_contiguous)
+      .def("is_pinned", &Tensor::is_pinned)
+      .def("storage_offset", &Tensor::storage_offset)
+      .def("data_ptr", [](const Tensor& t) { return reinterpret_cast<std::uintptr_t>(t.data_ptr()); })
+      .def("_shares_storage_with", &Tensor::shares_storage_with)
+      .def("_to", [](py::object self, py::object device, py::object dtype, bool non_blocking, bool copy) {
+             const Tensor& t = self.cast<const Tensor&>();
+             auto dev = opt_device(device);
+             auto dt = opt_dtype(dtype);
+             Tensor out;
+             {
+               py::gil_scoped_release nogil;
+               out = t.to(dev, dt, non_blocking, copy);
+             }
+             return self_or(self, std::move(out));
+           })
+      .def("cpu", [](py::object self, bool non_blocking) {
+             Tensor out;
+             {
+               const Tensor& t = self.cast<const Tensor&>();
+               py::gil_scoped_release nogil;
+               out = t.cpu(non_blocking);
+             }
+             return self_or(self, std::move(out));
+           }, py::arg("non_blocking") = false)
+      .def("cuda", [](py::object self, py::object index, bool non_blocking) {
+             std::optional<int> idx;
+             if (!index.is_none()) idx = cuda_index_from_py(index, "Tensor.cuda");
+             Tensor out;
+             {
+               const Tensor& t = self.cast<const Tensor&>();
+               py::gil_scoped_release nogil;
+               out = t.cuda(idx, non_blocking);
+             }
+             return self_or(self, std::move(out));
+           }, py::arg("device") = py::none(), py::arg("non_blocking") = false)
+      .def("pin_memory", [](py::object self) {
+             Tensor out;
+             {
+               const Tensor& t = self.cast<const Tensor&>();
+               py::gil_scoped_release nogil;
+               out = t.pin_memory();
+             }
+             return self_or(self, std::move(out));
+           })
+      .def("contiguous", [](py::object self) {
+             Tensor out;
+             {
+               const Tensor& t = self.cast<const Tensor&>();
+               py::gil_scoped_release nogil;
+               out = t.contiguous();
+             }
+             return self_or(self, std::move(out));
+           })
+      .def("clone", &Tensor::clone, py::call_guard<py::gil_scoped_release>())
+      .def("copy_", [](py::object self, py::object src, bool non_blocking) {
+             const Tensor& t = self.cast<const Tensor&>();
+             Tensor s = py::isinstance<Tensor>(src) ? src.cast<Tensor>() : from_numpy(src);
+             {
+               py::gil_scoped_release nogil;
+               t.copy_(s, non_blocking);
+             }
+             return self;
+           }, py::arg("src"), py::arg("non_blocking") = false,
+           "Copies src (a Tensor or a NumPy array of the same shape) into this tensor, converting the dtype.")
+      .def("fill_", [](py::object self, py::handle value) {
+             const Tensor& t = self.cast<const Tensor&>();
+             const Scalar v = scalar_from_py(value);
+             {
+               py::gil_scoped_release nogil;
+               t.fill_(v);
+             }
+             return self;
+           }, py::arg("value"))
+      .def("numpy", &to_numpy,
+           "A NumPy array sharing this CPU tensor's memory (TypeError for CUDA tensors and for bfloat16).")
+      .def("__dlpack__", &to_dlpack_capsule, py::kw_only(), py::arg("stream") = py::none(),
+           py::arg("max_version") = py::none(), py::arg("dl_device") = py::none(), py::arg("copy") = py::none())
+      .def("__dlpack_device__", [](const Tensor& t) {
+        const DLDevice d = dlpack_device(t);
+        return py::make_tuple(static_cast<int>(d.device_type), d.device_id);
+      })
+      .def("narrow", &Tensor::narrow, py::arg("dim"), py::arg("start"), py::arg("length"))
+      .def("select", &Tensor::select, py::arg("dim"), py::arg("index"))
+      .def("_slice", &Tensor::slice)
+      .def("permute", [](const Tensor& t, py::args dims) {
+        std::vector<int> d;
+        if (dims.size() == 1 && py::isinstance<py::sequence>(dims[0])) d = dims[0].cast<std::vector<int>>();
+        else d = dims.cast<std::vector<int>>();
+        return t.permute(d);
+      })
+      .def("transpose", &Tensor::transpose, py::arg("dim0"), py::arg("dim1"))
+      .def("reshape", [](const Tensor& t, py::args shape) {
+        return t.reshape(shape.size() == 1 ? shape_from_py(shape[0]) : shape_from_py(shape));
+      })
+      .def("view", [](const Tensor& t, py::args shape) {
+        return t.view(shape.size() == 1 ? shape_from_py(shape[0]) : shape_from_py(shape));
+      })
+      .def("__len__", [](const Tensor& t) {
+        if (t.ndim() == 0) throw TypeError_("len() of a 0-d tensor");
+        return t.shape()[0];
+      })
+      .def("__str__", &Tensor::str);
+
+  m.def("from_numpy", &from_numpy, py::arg("array"),
+        "A tensor sharing the array's memory (no copy); the array is kept alive by the tensor.");
+  m.def("_from_dlpack_capsule", &from_dlpack_capsule, py::arg("capsule"), py::arg("copy") = py::none());
+  m.def("_consumer_stream", [](int device) -> std::int64_t {
+    const Stream s = current_stream(device);
+    return s.is_default() ? 1 : static_cast<std::int64_t>(s.handle());
+  });
+
+  m.def("empty", [](py::handle shape, py::handle dtype, py::handle device, bool pin) {
+        const Shape s = shape_from_py(shape);
+        const DType d = dtype.is_none() ? DType::Float32 : dtype_from_py(dtype);
+        const Device dev = device.is_none() ? Device::cpu() : device_from_py(device);
+        py::gil_scoped_release nogil;
+        return Tensor::empty(s, d, dev, pin);
+      }, py::arg("shape"), py::arg("dtype") = py::none(), py::arg("device") = py::none(), py::arg("pin_memory") = false);
+  m.def("full", [](py::handle shape, py::handle value, py::handle dtype, py::handle device, bool pin) {
+        const Shape s = shape_from_py(shape);
+        const Scalar v = scalar_from_py(value);
+        const DType d = dtype_from_py(dtype);
+        const Device dev = device.is_none() ? Device::cpu() : device_from_py(device);
+        py::gil_scoped_release nogil;
+        return Tensor::full(s, v, d, dev, pin);
+      }, py::arg("shape"), py::arg("value"), py::arg("dtype"), py::arg("device") = py::none(),
+      py::arg("pin_memory") = false);
+  m.def("cat", [](const std::vector<Tensor>& ts, int dim) {
+        py::gil_scoped_release nogil;
+        return cat(ts, dim);
+      }, py::arg("tensors"), py::arg("dim") = 0);
+  m.def("chunk_sizes", &chunk_sizes, py::arg("n"), py::arg("k"));
+  m.def("scatter", [](const Tensor& t, py::handle devices, int dim, std::optional<std::vector<std::int64_t>> sizes) {
+        auto devs = devices_from_py(devices);
+        py::gil_scoped_release nogil;
+        return scatter(t, devs, dim, sizes);
+      }, py::arg("tensor"), py::arg("devices"), py::arg("dim") = 0, py::arg("chunk_sizes") = py::none());
+  m.def("gather", [](const std::vector<Tensor>& ts, py::handle device, int dim) {
+        const Device d = device_from_py(device);
+        py::gil_scoped_release nogil;
+        return gather(ts, d, dim);
+      }, py::arg("tensors"), py::arg("device"), py::arg("dim") = 0);
+  m.def("broadcast", [](const Tensor& t, py::handle devices) {
+        auto devs = devices_from_py(devices);
+        py::gil_scoped_release nogil;
+        return broadcast(t, devs);
+      }, py::arg("tensor"), py::arg("devices"));
+
+  // ---- current device, streams, events -------------------------------------------------------
+  m.def("_set_device_index", &set_current_cuda_index, py::arg("index"));
+  m.def("_current_device_index", &current_cuda_index);
+
+  py::class_<Stream>(m, "Stream", "A CUDA stream. Stream(device=None, priority=0) creates a new one.")
+      .def(py::init([](py::handle device, int priority) {
+             return Stream::create(cuda_index_from_py(device, "Stream"), priority);
+           }), py::arg("device") = py::none(), py::arg("priority") = 0)
+      .def_property_readonly("device", [](const Stream& s) { return Device::cuda(s.device()); })
+      .def_property_readonly("cuda_stream", &Stream::handle, "The cudaStream_t as an int (0: the default stream).")
+      .def("synchronize", &Stream::synchronize, py::call_guard<py::gil_scoped_release>())
+      .def("query", &Stream::query)
+      .def("wait_stream", &Stream::wait_stream, py::arg("stream"))
+      .def("wait_event", [](const Stream& s, const Event& e) { e.wait(s); }, py::arg("event"))
+      .def("record_event", [](const Stream& s, std::optional<Event> e) {
+             Event ev = e.value_or(Event(false));
+             ev.record(s);
+             return ev;
+           }, py::arg("event") = py::none())
+      .def("__eq__", [](const Stream& a, py::handle b) { return py::isinstance<Stream>(b) && a == b.cast<const Stream&>(); })
+      .def("__hash__", [](const Stream& s) { return std::hash<std::uintptr_t>()(s.handle() * 31 + s.device()); })
+      .def("__repr__", [](const Stream& s) {
+        return fmt::format("<gpufleet.Stream device=cuda:{} cuda_stream={:#x}>", s.device(), s.handle());
+      });
+
+  py::class_<Event>(m, "Event", "A CUDA event: record it on a stream, wait for it, time between two.")
+      .def(py::init<bool>(), py::arg("enable_timing") = false)
+      .def("record", [](Event& e, std::optional<Stream> s) { e.record(s.value_or(current_stream(current_cuda_index()))); },
+           py::arg("stream") = py::none())
+      .def("synchronize", &Event::synchronize, py::call_guard<py::gil_scoped_release>())
+      .def("query", &Event::query)
+      .def("wait", [](const Event& e, std::optional<Stream> s) { e.wait(s.value_or(current_stream(current_cuda_index()))); },
+           py::arg("stream") = py::none())
+      .def("elapsed_time", &Event::elapsed_ms, py::arg("end_event"), "Milliseconds from this event to end_event.")
+      .def_property_readonly("recorded", &Event::recorded);
+
+  m.def("current_stream", [](py::handle device) { return current_stream(cuda_index_from_py(device, "current_stream")); },
+        py::arg("device") = py::none());
+  m.def("default_stream", [](py::handle device) { return Stream::default_stream(cuda_index_from_py(device, "default_stream")); },
+        py::arg("device") = py::none());
+  m.def("_set_current_stream", &set_current_stream, py::arg("stream"));
+  m.def("synchronize", [](py::handle device) {
+        if (!device.is_none() && device_from_py(device).is_cpu()) return;  // nothing queued on the host
+        const int idx = cuda_index_from_py(device, "synchronize");
+        py::gil_scoped_release nogil;
+        synchronize_device(idx);
+      }, py::arg("device") = py::none(), "Waits for all work queued on a CUDA device (the current one by default).");
+
+  // ---- memory ---------------------------------------------------------------------------------
+  m.def("memory_stats", [](py::handle device) {
+        if (!device.is_none() && device_from_py(device).is_cpu()) return stats_dict(pinned_memory_stats());
+        return stats_dict(device_memory_stats(cuda_index_from_py(device, "memory_stats")));
+      }, py::arg("device") = py::none(),
+      "The caching allocator's counters for a CUDA device, or for the pinned host pool with device='cpu'.");
+  m.def("empty_cache", &empty_all_caches, py::call_guard<py::gil_scoped_release>(),
+        "Releases every cached (unused) block of the device allocators and the pinned pool.");
+  m.def("reset_peak_memory_stats", [](py::handle device) {
+        if (!device.is_none() && device_from_py(device).is_cpu()) return pinned_allocator().reset_peak_stats();
+        device_allocator(cuda_index_from_py(device, "reset_peak_memory_stats")).reset_peak_stats();
+      }, py::arg("device") = py::none());
+}
 
 }  // namespace gpufleet::bindings
