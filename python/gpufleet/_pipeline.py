@@ -210,8 +210,11 @@ class PipelineReport:
 
         t = self.timeline.get("t_s", [])
         fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(9, 6), sharex=True)
+        # Rates over a sliding window of about a twentieth of the run (at least one sample period).
+        win = max(1, len(t) // 20)
         for name, counts in self.timeline.get("items_out", {}).items():
-            rate = [0.0] + [(counts[i] - counts[i - 1]) / max(t[i] - t[i - 1], 1e-9) for i in range(1, len(t))]
+            rate = [0.0] + [(counts[i] - counts[max(0, i - win)]) / max(t[i] - t[max(0, i - win)], 1e-9)
+                            for i in range(1, len(t))]
             ax1.plot(t, rate, label=name + (" (limiting)" if name == self.limiting_stage else ""))
         ax1.set_ylabel("items/s")
         ax1.legend(fontsize="small")

@@ -73,7 +73,8 @@ class SqlSink:
     ``key``: the column (or columns) that identify a row; the table gets a unique key on them, so a
     row written twice is updated, never duplicated. The table is created from the first row when it
     does not exist (``create=True``); an existing table keeps its other columns (an upsert only sets
-    the columns given). Rows are buffered and written ``batch_rows`` per transaction, or when the
+    the columns given; as the database inserts before it resolves the conflict, every row must still
+    carry the table's NOT NULL columns that have no default). Rows are buffered and written ``batch_rows`` per transaction, or when the
     oldest buffered row has waited ``max_delay`` seconds. ``retries`` bounds the retries of one batch
     after a disconnect (server URLs), with ``retry_wait`` seconds doubling between them.
     """
