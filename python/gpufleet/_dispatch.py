@@ -128,9 +128,12 @@ class Task:
 
 
 def _temp_name(final: str, token: str) -> str:
+    # Deterministic (no run token): a run that resumes after a crash reuses, and so removes, the
+    # partial file a killed attempt left behind. The extension is kept for programs that pick the
+    # format from it (ffmpeg).
     d, base = os.path.split(final)
     stem, ext = os.path.splitext(base)
-    return os.path.join(d, f".{stem}.gftmp-{token}{ext}")
+    return os.path.join(d, f".{stem}.gfpart{ext}")
 
 
 # ---- building tasks --------------------------------------------------------------------------
@@ -174,8 +177,8 @@ class _OutputSlot(str):
 
 
 def _slot(arg: str, quote: bool) -> str:
-    if _MARK not in arg:
-        return arg
+    # Every word of a template task is already expanded: wrapping it keeps _sub_outputs from
+    # expanding "{output}" that came from an input (a file named "{output}.txt").
     s = _OutputSlot(arg)
     s.quote = quote
     return s
@@ -201,6 +204,8 @@ def _template_tasks(template: list, rows: Iterable[Sequence[str]], output: Optio
 
 def _sub_outputs(arg: str, paths: Sequence[str]) -> str:
     if isinstance(arg, _OutputSlot):
+        if _MARK not in arg:
+            return str(arg)
         if not paths:
             raise ValueError("the command uses {output} but the task declares no output")
         import shlex
