@@ -44,6 +44,9 @@ def _plain(v):
     return v
 
 
+_PLAIN_TYPES = (int, float, str, bytes, type(None))
+
+
 def _sqlite_type(v) -> str:
     if isinstance(v, (bool, int)):
         return "INTEGER"
@@ -110,7 +113,8 @@ class SqlSink:
         self.create = bool(create)
         self.engine_options = dict(engine_options or {})
         self._path = _is_sqlite(url)
-        self._buffer: list[dict] = []
+        self._buffer: list[tuple[tuple, tuple]] = []  # (columns, values) per row
+        self._valid_columns: set = set()  # column tuples already checked
         self._first_buffered: Optional[float] = None
         self._lock = threading.RLock()
         self._conn = None  # sqlite3.Connection or sqlalchemy Connection
@@ -145,7 +149,7 @@ class SqlSink:
     def write(self, row: Union[Mapping[str, Any], Sequence[Any]]) -> None:
         """Buffers one row; writes a batch when ``batch_rows`` rows wait or the oldest has waited
         ``max_delay`` seconds."""
-        d = self._as_dict(row)
+        d = self._as_row(row)
         with self._lock:
             if self._closed:
                 raise ValueError(f"SqlSink({self.url!r}, {self.table!r}) is closed")
@@ -235,23 +239,35 @@ class SqlSink:
         return (self.max_delay is not None and self._first_buffered is not None
                 and time.monotonic() - self._first_buffered >= self.max_delay)
 
-    def _as_dict(self, row) -> dict:
-        if isinstance(row, Mapping):
-            d = {k: _plain(v) for k, v in row.items()}
-            for k in d:
-                if not isinstance(k, str) or not _IDENT.match(k):
-                    raise ValueError(f"row column names must be identifiers, got {k!r} in {row!r}")
+    def _as_row(self, row) -> tuple[tuple, tuple]:
+        """(columns, values) of a row, validated (once per distinct column tuple)."""
+        if type(row) is dict:
+            cols, vals = tuple(row), tuple(row.values())
+        elif isinstance(row, Mapping):
+            cols = tuple(row)
+            vals = tuple(row[c] for c in cols)
         elif isinstance(row, (list, tuple)) and self.columns is not None:
             if len(row) != len(self.columns):
                 raise ValueError(f"row {row!r} has {len(row)} values; columns are {list(self.columns)}")
-            d = {c: _plain(v) for c, v in zip(self.columns, row)}
+            cols, vals = self.columns, tuple(row)
         else:
             raise TypeError(f"SqlSink rows are dicts (or sequences when columns= is given), got {type(row).__name__}: "
                             f"{row!r}")
-        missing = [k for k in self.key if k not in d]
-        if missing:
-            raise ValueError(f"row {row!r} lacks the key column(s) {missing}")
-        return d
+        if cols not in self._valid_columns:
+            for k in cols:
+                if not isinstance(k, str) or not _IDENT.match(k):
+                    raise ValueError(f"row column names must be identifiers, got {k!r} in {row!r}")
+            missing = [k for k in self.key if k not in cols]
+            if missing:
+                raise ValueError(f"row {row!r} lacks the key column(s) {missing}")
+            if len(set(cols)) != len(cols):
+                raise ValueError(f"row {row!r} names a column twice")
+            self._valid_columns.add(cols)
+        for v in vals:
+            if type(v) not in _PLAIN_TYPES:
+                vals = tuple(_plain(x) for x in vals)
+                break
+        return cols, vals
 
     def _q(self, name: str) -> str:
         return f'"{name}"' if self._path is not None else self._sa_quote(name)
@@ -262,10 +278,14 @@ class SqlSink:
         return name
 
     @staticmethod
-    def _groups(batch: list[dict]) -> list[tuple[tuple, list[dict]]]:
+    def _groups(batch: list) -> list[tuple[tuple, list[tuple]]]:
+        """Rows grouped by their column tuple (one executemany per group)."""
         groups: dict = {}
-        for d in batch:
-            groups.setdefault(tuple(d), []).append(d)
+        for cols, vals in batch:
+            g = groups.get(cols)
+            if g is None:
+                groups[cols] = g = []
+            g.append(vals)
         return list(groups.items())
 
     def _check_columns(self, cols: Iterable[str]) -> None:
@@ -328,7 +348,7 @@ class SqlSink:
             if self._table_columns is None:
                 if not self.create:
                     raise ValueError(f"table {self.table!r} does not exist and create=False")
-                self._create_sqlite_table(batch[0])
+                self._create_sqlite_table(dict(zip(*batch[0])))
             for cols, rows in self._groups(batch):
                 self._check_columns(cols)
                 names = ", ".join(self._q(c) for c in cols)
@@ -339,7 +359,7 @@ class SqlSink:
                         if updates else "DO NOTHING")
                 sql = (f"INSERT INTO {self._q(self.table)} ({names}) VALUES ({marks}) "
                        f"ON CONFLICT ({conflict}) {tail}")
-                conn.executemany(sql, [tuple(r[c] for c in cols) for r in rows])
+                conn.executemany(sql, rows)
             conn.execute("COMMIT")
         except BaseException:
             if conn.in_transaction:
@@ -433,13 +453,13 @@ class SqlSink:
                 if self._sa_table is None:
                     if not self.create:
                         raise ValueError(f"table {self.table!r} does not exist and create=False")
-                    self._create_sa_table(batch[0])
+                    self._create_sa_table(dict(zip(*batch[0])))
                 if self._conn is None:
                     self._conn = self._engine.connect()
                 with self._conn.begin():
                     for cols, rows in self._groups(batch):
                         self._check_columns(cols)
-                        self._conn.execute(self._upsert(cols), rows)
+                        self._conn.execute(self._upsert(cols), [dict(zip(cols, v)) for v in rows])
                 return
             except sa.exc.DBAPIError as e:
                 disconnect = bool(getattr(e, "connection_invalidated", False))
