@@ -40,6 +40,22 @@ std::string type_name(py::handle obj) {
 DType dtype_from_py(py::handle obj) {
   if (py::isinstance<PyDType>(obj)) return obj.cast<const PyDType&>().d;
   if (py::isinstance<py::str>(obj)) return parse_dtype(obj.cast<std::string>());
+  if (py::isinstance<py::dtype>(obj)) {  // fast path for arrays' dtypes: kind and size, no strings
+    const auto dt = py::reinterpret_borrow<py::dtype>(obj);
+    const char kind = dt.kind();
+    const auto size = dt.itemsize();
+    if (dt.byteorder() != '>') {
+      if (kind == 'b' && size == 1) return DType::Bool;
+      if (kind == 'u' && size == 1) return DType::UInt8;
+      if (kind == 'i' && size == 1) return DType::Int8;
+      if (kind == 'i' && size == 2) return DType::Int16;
+      if (kind == 'i' && size == 4) return DType::Int32;
+      if (kind == 'i' && size == 8) return DType::Int64;
+      if (kind == 'f' && size == 2) return DType::Float16;
+      if (kind == 'f' && size == 4) return DType::Float32;
+      if (kind == 'f' && size == 8) return DType::Float64;
+    }
+  }
   const std::string tname = type_name(obj);
   if (tname == "dtype" && py::hasattr(obj, "is_floating_point")) return parse_dtype(py::str(obj).cast<std::string>());
   try {
@@ -97,7 +113,10 @@ py::dtype numpy_dtype(DType d) {
   GF_CHECK_TYPE(d != DType::BFloat16,
                 "NumPy has no bfloat16 dtype: convert first with t.to(gpufleet.float32).numpy() (exact: every "
                 "bfloat16 value is a float32)");
-  return py::dtype(std::string(dtype_name(d)));
+  static auto* cache = new std::array<py::object, kNumDTypes>();  // leaked: outlives finalization
+  auto& slot = (*cache)[static_cast<int>(d)];
+  if (!slot) slot = py::dtype(std::string(dtype_name(d)));
+  return py::reinterpret_borrow<py::dtype>(slot);
 }
 
 /// Releases a Python object held by a Storage: takes the GIL, and leaks the reference instead when
@@ -166,7 +185,7 @@ py::array to_numpy(py::object self) {
                                  "to host memory first.",
                                  t.device().str()));
   py::dtype dt = numpy_dtype(t.dtype());
-  {
+  if (t.storage()->has_pending()) {
     py::gil_scoped_release nogil;
     t.storage()->wait_pending();
   }
@@ -248,9 +267,11 @@ py::object to_dlpack_capsule(const Tensor& self, py::object stream, py::object m
                   py::repr(stream).cast<std::string>());
     s = stream.cast<std::int64_t>();
   }
-  {
+  if (t.device().is_cuda() || t.storage()->has_pending()) {
     py::gil_scoped_release nogil;
     dlpack_sync_for_consumer(t, s);
+  } else {
+    dlpack_sync_for_consumer(t, s);  // checks the stream argument; nothing to wait for
   }
   bool versioned = false;
   if (!max_version.is_none()) {

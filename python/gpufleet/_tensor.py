@@ -58,10 +58,16 @@ DTypeLike = Union["dtype", str, Any]
 # ---- tensors -------------------------------------------------------------------------------------
 
 
+_DTYPE_NAMES = frozenset(["bool", "bool_", "uint8", "int8", "int16", "int32", "int64", "float16", "bfloat16",
+                          "float32", "float64", "half", "float", "double", "short", "int", "long"])
+
+
 def _is_dtype_like(x: Any) -> _bool:
     if isinstance(x, (dtype, np.dtype)) or (isinstance(x, type) and issubclass(x, np.generic)):
         return True
-    if isinstance(x, str) or type(x).__name__ == "dtype":
+    if isinstance(x, str):
+        return x.removeprefix("torch.") in _DTYPE_NAMES
+    if type(x).__name__ == "dtype":
         try:
             as_dtype(x)
             return True
