@@ -93,3 +93,20 @@ def test_server_side_kill_mid_run_loses_and_duplicates_nothing(mariadb):  # noqa
     assert r.errors == []
     assert sink.rows_written == n
     assert _count(mariadb, "killed_scores") == (n, n, pytest.approx(0.5 * sum(range(n))))
+
+
+def test_without_retries_the_kill_is_an_error(mariadb):  # noqa: F811
+    """The control: with retries=0 the same KILL fails the run (so the test above does test retries)."""
+    import sqlalchemy as sa
+
+    sink = SqlSink(mariadb.url, "no_retry_scores", key="id", batch_rows=50, max_delay=None, retries=0)
+    with sink:
+        sink.write_many({"id": i, "score": 1.0} for i in range(100))
+        sink.flush()
+        assert _kill_writer(mariadb) >= 1
+        with pytest.raises(sa.exc.DBAPIError) as info:
+            sink.write_many({"id": i, "score": 2.0} for i in range(100, 150))
+        assert info.value.connection_invalidated
+        assert _count(mariadb, "no_retry_scores")[0] == 100
+    # The failed rows stayed buffered; close() wrote them on a fresh connection.
+    assert _count(mariadb, "no_retry_scores") == (150, 150, pytest.approx(100 * 1.0 + 50 * 2.0))
