@@ -110,3 +110,9 @@ def test_select_through_nvml_in_a_subprocess(fake_nvml):
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "['cuda:1', 'cuda:2']"  # the H100 (80 GiB free), then the idle A100
+
+
+def test_closed_pipe_is_not_a_traceback():
+    r = subprocess.run(f"{sys.executable} -m gpufleet info | head -c 5", shell=True, capture_output=True,
+                       text=True, env=dict(os.environ, GPUFLEET_SIMULATED_GPUS="64"), timeout=60)
+    assert r.stdout == "gpufl" and "Traceback" not in r.stderr

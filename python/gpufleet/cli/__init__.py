@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import pkgutil
 import sys
 from typing import Optional, Sequence
@@ -36,6 +37,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except KeyboardInterrupt:
         print("gpufleet: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `gpufleet info | head`: the reader left; exit quietly like coreutils
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 141
     except (ValueError, TypeError) as e:  # bad input: say what was wrong, no traceback
         print(f"gpufleet {args.command}: error: {e}", file=sys.stderr)
         return 2
