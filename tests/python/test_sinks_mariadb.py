@@ -25,19 +25,24 @@ def _count(db, table):
         conn.close()
 
 
-def _kill_writer(db) -> int:
-    """KILLs every connection of the test user (the sink's), server side. Returns how many."""
+def _kill_writer(db, wait: float = 10.0) -> int:
+    """KILLs every connection of the test user (the sink's), server side, waiting up to `wait`
+    seconds for one to exist (the sink may be between connections). Returns how many it killed."""
     conn = db.admin()
     killed = 0
+    deadline = time.monotonic() + wait
     try:
         with conn.cursor() as c:
-            c.execute("SELECT id FROM information_schema.processlist WHERE user = %s", (db.user,))
-            for (cid,) in c.fetchall():
-                try:
-                    c.execute(f"KILL CONNECTION {int(cid)}")
-                    killed += 1
-                except Exception:  # it ended by itself meanwhile
-                    pass
+            while killed == 0 and time.monotonic() < deadline:
+                c.execute("SELECT id FROM information_schema.processlist WHERE user = %s", (db.user,))
+                for (cid,) in c.fetchall():
+                    try:
+                        c.execute(f"KILL CONNECTION {int(cid)}")
+                        killed += 1
+                    except Exception:  # it ended by itself meanwhile
+                        pass
+                if killed == 0:
+                    time.sleep(0.005)
     finally:
         conn.close()
     return killed
