@@ -402,3 +402,17 @@ def test_core_queue_close_cancel_from_python():
     assert not t.is_alive() and got
     with pytest.raises(ValueError, match="capacity must be at least 1, got 0"):
         gpufleet._core.pipeline.Queue(0)
+
+
+@pytest.mark.skipif(not hasattr(gpufleet.kernels, "gaussian_blur"), reason="gpufleet.kernels.gaussian_blur not built")
+def test_gpufleet_kernel_as_a_stage_matches_opencv():
+    cv2 = pytest.importorskip("cv2")
+    rng = np.random.default_rng()
+    imgs = [rng.random((int(rng.integers(1, 40)), int(rng.integers(1, 40))), dtype=np.float32) for _ in range(23)]
+    r = (Pipeline(imgs, ordered=True)
+         .map(lambda x: gpufleet.kernels.gaussian_blur(x, 7, 1.5), workers=3)
+         .map(np.asarray)
+         .run())
+    for got, img in zip(r.results, imgs):
+        want = cv2.GaussianBlur(img, (7, 7), 1.5, borderType=cv2.BORDER_REPLICATE)
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
