@@ -761,6 +761,7 @@ struct Dispatcher::Impl {
         }
       }
       if (no_pidfd) timeout = std::min(timeout, 0.005);
+      if (!stopping() && !source_done && queue.size() <= opt.lookahead / 2) timeout = 0;  // more input to pull
       int ms = static_cast<int>(std::ceil(timeout * 1000));
       int n = ::poll(fds.data(), fds.size(), ms);
       if (n < 0 && errno != EINTR) throw std::runtime_error(fmt::format("poll: {}", std::strerror(errno)));
