@@ -1,0 +1,221 @@
+// The kernels' C++ core: thread pool, taps, border rules, exact k-means, the fast congestion identity,
+// and the CPU kernels' invariants (the references live in tests/python/test_kernels.py).
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <numeric>
+#include <random>
+#include <stdexcept>
+#include <vector>
+
+#include "kernels/array.h"
+#include "kernels/canny.h"
+#include "kernels/congestion.h"
+#include "kernels/gaussian_blur.h"
+#include "kernels/kmeans1d.h"
+#include "kernels/parallel.h"
+#include "kernels/reduce.h"
+
+using namespace gpufleet;
+using namespace gpufleet::kernels;
+
+namespace {
+
+template <class T>
+ArrayRef view(std::vector<T>& v, std::vector<std::int64_t> shape, DType t) {
+  return ArrayRef{v.data(), t, std::move(shape), Device::cpu(), 0};
+}
+
+}  // namespace
+
+TEST(KernelsParallel, CoversEveryIndexOnceAndPropagatesErrors) {
+  for (int threads : {1, 2, 5}) {
+    set_num_threads(threads);
+    for (std::int64_t n : {0, 1, 7, 1000, 100003}) {
+      std::vector<std::atomic<int>> hits(n);
+      parallel_for(n, 3, [&](std::int64_t b, std::int64_t e) {
+        for (auto i = b; i < e; ++i) hits[i]++;
+        // nested calls run serially and still cover their range
+        std::atomic<int> inner{0};
+        parallel_for(4, 1, [&](std::int64_t b2, std::int64_t e2) { inner += static_cast<int>(e2 - b2); });
+        EXPECT_EQ(inner.load(), 4);
+      });
+      for (auto& h : hits) ASSERT_EQ(h.load(), 1);
+    }
+    EXPECT_THROW(parallel_for(100, 1, [](std::int64_t, std::int64_t e) {
+                   if (e > 50) throw std::runtime_error("boom");
+                 }),
+                 std::runtime_error);
+  }
+  set_num_threads(0);
+  EXPECT_GE(num_threads(), 1);
+  EXPECT_THROW(set_num_threads(-2), std::invalid_argument);
+}
+
+TEST(KernelsBlur, TapsAndSizeRules) {
+  const auto k = gaussian_kernel(71, 7.0);
+  ASSERT_EQ(k.size(), 71u);
+  EXPECT_NEAR(std::accumulate(k.begin(), k.end(), 0.0), 1.0, 1e-6);
+  for (int i = 0; i < 71; ++i) EXPECT_EQ(k[i], k[70 - i]);
+  const auto fixed = gaussian_kernel_fixed(gaussian_kernel_f64(71, 7.0));
+  EXPECT_EQ(std::accumulate(fixed.begin(), fixed.end(), 0u), 256u);
+  BlurArgs a;
+  a.sigma = 2.0;
+  EXPECT_EQ(plan_gaussian_blur(a, DType::F32, 50, 50).kx.size(), 17u);  // round(2*4*2+1)|1
+  EXPECT_EQ(plan_gaussian_blur(a, DType::U8, 50, 50).kx.size(), 13u);   // round(2*3*2+1)|1
+  a.ksize_x = a.ksize_y = 9;
+  EXPECT_EQ(plan_gaussian_blur(a, DType::F32, 1, 50).ky.size(), 1u);
+  a.border = Border::Constant;
+  EXPECT_EQ(plan_gaussian_blur(a, DType::F32, 1, 50).ky.size(), 9u);
+  a.ksize_x = 8;
+  EXPECT_THROW(plan_gaussian_blur(a, DType::F32, 5, 5), std::invalid_argument);
+  EXPECT_THROW(parse_border("wrap"), std::invalid_argument);
+}
+
+TEST(KernelsBlur, BorderIndexFollowsOpenCV) {
+  // reflect101: gfedcb|abcdefgh|gfedcba
+  EXPECT_EQ(border_index(-1, 8, Border::Reflect101), 1);
+  EXPECT_EQ(border_index(8, 8, Border::Reflect101), 6);
+  EXPECT_EQ(border_index(-20, 3, Border::Reflect101), 0);  // several reflections
+  EXPECT_EQ(border_index(-5, 1, Border::Reflect101), 0);
+  EXPECT_EQ(border_index(-5, 8, Border::Replicate), 0);
+  EXPECT_EQ(border_index(12, 8, Border::Replicate), 7);
+  EXPECT_EQ(border_index(-1, 8, Border::Constant), -1);
+}
+
+TEST(KernelsBlur, AdjointWeightsGiveTheMeanOfTheBlur) {
+  // Note [Fast congestion score]: mean(blur(E)) == sum E a b / HW, for every border.
+  std::mt19937 gen(42);
+  for (Border border : {Border::Replicate, Border::Reflect101, Border::Constant}) {
+    const std::int64_t h = 23, w = 37;
+    std::vector<float> e(h * w), out(h * w);
+    for (auto& v : e) v = (gen() % 5 == 0) ? 255.f : 0.f;
+    BlurArgs args;
+    args.ksize_x = args.ksize_y = 15;
+    args.sigma = 3;
+    args.border = border;
+    gaussian_blur(view(e, {h, w}, DType::F32), view(out, {h, w}, DType::F32), args);
+    double direct = 0;
+    for (float v : out) direct += v;
+    const BlurPlan p = plan_gaussian_blur(args, DType::F32, h, w);
+    const auto a = blur_adjoint_weights(p.ky, h, border), b = blur_adjoint_weights(p.kx, w, border);
+    double fast = 0;
+    for (std::int64_t y = 0; y < h; ++y)
+      for (std::int64_t x = 0; x < w; ++x) fast += e[y * w + x] * a[y] * b[x];
+    EXPECT_NEAR(fast / direct, 1.0, 1e-6) << border_name(border);
+  }
+}
+
+TEST(KernelsCanny, ThresholdRules) {
+  EXPECT_EQ(canny_thresholds({100.7, 200.2, false}).low, 100);
+  EXPECT_EQ(canny_thresholds({300, 200, false}).low, 200);  // swapped
+  EXPECT_EQ(canny_thresholds({300, 200, false}).high, 300);
+  EXPECT_EQ(canny_thresholds({10.5, 20, true}).low, 110);  // floor(10.5^2)
+  EXPECT_THROW(canny_thresholds({NAN, 1, false}), std::invalid_argument);
+}
+
+TEST(KernelsCanny, StepEdgesAndBorders) {
+  // A vertical step: equal magnitudes in two columns; OpenCV keeps the left one.
+  const std::int64_t h = 9, w = 12;
+  std::vector<std::uint8_t> img(h * w), out(h * w);
+  for (std::int64_t y = 0; y < h; ++y)
+    for (std::int64_t x = 0; x < w; ++x) img[y * w + x] = x < 6 ? 0 : 200;
+  canny(view(img, {h, w}, DType::U8), view(out, {h, w}, DType::U8), {100, 200, false});
+  for (std::int64_t y = 0; y < h; ++y)
+    for (std::int64_t x = 0; x < w; ++x) EXPECT_EQ(out[y * w + x], x == 5 ? 255 : 0) << y << "," << x;
+  std::vector<float> f(h * w);
+  EXPECT_THROW(canny(view(f, {h, w}, DType::F32), view(out, {h, w}, DType::U8), {1, 2, false}), std::invalid_argument);
+}
+
+TEST(KernelsKMeans, ExactMatchesBruteForce) {
+  std::mt19937 gen(7);
+  for (int trial = 0; trial < 30; ++trial) {
+    const int n = 1 + static_cast<int>(gen() % 9);
+    std::vector<double> x, w;
+    double v = 0;
+    for (int i = 0; i < n; ++i) {
+      v += 0.5 + (gen() % 100) / 10.0;
+      x.push_back(v);
+      w.push_back(1 + gen() % 4);
+    }
+    for (int k = 1; k <= 4; ++k) {
+      const auto c = kmeans1d_exact_weighted(x, w, k);
+      auto cost_of = [&](const std::vector<int>& bounds) {  // bounds: start index of each run
+        double total = 0;
+        for (std::size_t r = 0; r < bounds.size(); ++r) {
+          const int b = bounds[r], e = r + 1 < bounds.size() ? bounds[r + 1] : n;
+          double sw = 0, sx = 0;
+          for (int i = b; i < e; ++i) sw += w[i], sx += w[i] * x[i];
+          for (int i = b; i < e; ++i) total += w[i] * (x[i] - sx / sw) * (x[i] - sx / sw);
+        }
+        return total;
+      };
+      const int kk = std::min(k, n);
+      double best = INFINITY;
+      for (unsigned mask = 0; mask < (1u << (n - 1)); ++mask) {
+        if (__builtin_popcount(mask) != kk - 1) continue;
+        std::vector<int> bounds{0};
+        for (int i = 1; i < n; ++i)
+          if (mask & (1u << (i - 1))) bounds.push_back(i);
+        best = std::min(best, cost_of(bounds));
+      }
+      double ours = 0;
+      for (int i = 0; i < n; ++i) {
+        double d = INFINITY;
+        for (double cc : c) d = std::min(d, (x[i] - cc) * (x[i] - cc));
+        ours += w[i] * d;
+      }
+      EXPECT_NEAR(ours, best, 1e-9 * (1 + best)) << "n=" << n << " k=" << k;
+      EXPECT_TRUE(std::is_sorted(c.begin(), c.end()));
+    }
+  }
+}
+
+TEST(KernelsKMeans, LabelTableTiesGoLow) {
+  const double centres[] = {10, 20};
+  std::int32_t lut[256];
+  kmeans_label_lut(centres, 2, lut);
+  EXPECT_EQ(lut[15], 0);
+  EXPECT_EQ(lut[16], 1);
+  EXPECT_EQ(lut[0], 0);
+  EXPECT_EQ(lut[255], 1);
+}
+
+TEST(KernelsReduce, MeanAndMinMax) {
+  std::vector<float> x(3 * 1001);
+  for (std::size_t i = 0; i < x.size(); ++i) x[i] = static_cast<float>(i % 1001);
+  std::vector<double> m(3);
+  mean(view(x, {3, 1001}, DType::F32), view(m, {3}, DType::F64), 3);
+  for (double v : m) EXPECT_DOUBLE_EQ(v, 500.0);
+  std::vector<std::uint8_t> u(x.size());
+  normalize_minmax(view(x, {3, 1001}, DType::F32), view(u, {3, 1001}, DType::U8), 3);
+  EXPECT_EQ(u[0], 0);
+  EXPECT_EQ(u[1000], 255);
+  EXPECT_EQ(normalized_label(1, 0, 3), 85);
+  EXPECT_EQ(normalized_label(2, 0, 2), 255);
+}
+
+TEST(KernelsCongestion, FastEqualsFaithful) {
+  const std::int64_t n = 2, h = 40, w = 57;
+  std::vector<std::uint8_t> depth(n * h * w);
+  for (std::int64_t i = 0; i < n * h * w; ++i) depth[i] = static_cast<std::uint8_t>((i * 7919 / 97) % 256 / 60 * 60);
+  std::vector<double> fast(n), faithful(n);
+  CongestionArgs args;
+  CongestionOut out;
+  out.scores = view(fast, {n}, DType::F64);
+  congestion_score(view(depth, {n, h, w}, DType::U8), out, args);
+  args.fast = false;
+  out.scores = view(faithful, {n}, DType::F64);
+  congestion_score(view(depth, {n, h, w}, DType::U8), out, args);
+  for (int i = 0; i < n; ++i) {
+    EXPECT_GT(fast[i], 0);
+    EXPECT_NEAR(fast[i] / faithful[i], 1.0, 1e-6);
+  }
+#if !GPUFLEET_WITH_CUDA
+  ArrayRef on_gpu = view(depth, {n, h, w}, DType::U8);
+  on_gpu.device = Device::cuda(0);
+  EXPECT_THROW(congestion_score(on_gpu, out, args), std::invalid_argument);
+#endif
+}
