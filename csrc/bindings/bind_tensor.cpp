@@ -231,12 +231,13 @@ void dltensor_versioned_capsule_destructor(PyObject* capsule) {
 py::object to_dlpack_capsule(const Tensor& self, py::object stream, py::object max_version, py::object dl_device,
                              py::object copy) {
   Tensor t = self;
-  bool copied = false;
+  bool copied = false, host_as_cpu = false;
   const std::optional<bool> cp = copy.is_none() ? std::nullopt : std::optional<bool>(copy.cast<bool>());
   if (!dl_device.is_none()) {
     const auto want = dl_device.cast<std::pair<int, int>>();
     const DLDevice own = dlpack_device(t);
     const bool host_view = t.device().is_cpu() && want.first == kDLCPU && want.second == 0;
+    host_as_cpu = host_view;
     if (!(want.first == own.device_type && want.second == own.device_id) && !host_view) {
       if (want.first == kDLCPU && want.second == 0) {
         if (cp == false)
@@ -278,9 +279,9 @@ py::object to_dlpack_capsule(const Tensor& self, py::object stream, py::object m
     const auto mv = max_version.cast<std::pair<int, int>>();
     versioned = mv.first >= 1;
   }
-  PyObject* cap = versioned ? PyCapsule_New(to_dlpack_versioned(t, copied), "dltensor_versioned",
+  PyObject* cap = versioned ? PyCapsule_New(to_dlpack_versioned(t, copied, host_as_cpu), "dltensor_versioned",
                                             dltensor_versioned_capsule_destructor)
-                            : PyCapsule_New(to_dlpack(t), "dltensor", dltensor_capsule_destructor);
+                            : PyCapsule_New(to_dlpack(t, host_as_cpu), "dltensor", dltensor_capsule_destructor);
   if (!cap) throw py::error_already_set();
   return py::reinterpret_steal<py::object>(cap);
 }

@@ -6,6 +6,7 @@
 #include <utility>
 
 #include "common/cuda_check.h"
+#include "tensor/copy_kernels.h"
 #include "tensor/cuda_backend.h"
 #include "tensor/stream.h"
 #include "tensor/tensor.h"
@@ -146,6 +147,38 @@ void device_to_device(const Tensor& dst, const Tensor& src) {
   sstream.wait_stream(dstream);
 }
 }  // namespace
+
+void launch_strided_copy(const Tensor& dst, const Tensor& src, std::uintptr_t stream) {
+  GF_ASSERT(dst.shape() == src.shape() && dst.device() == src.device(), "launch_strided_copy operands");
+  const std::int64_t n = dst.numel();
+  if (n == 0) return;
+  // Drop size-1 dimensions and merge dimensions compact for both operands (index 0 innermost).
+  CopyGeometry g;
+  const auto& shape = dst.shape();
+  for (int i = dst.ndim() - 1; i >= 0; --i) {
+    if (shape[i] == 1) continue;
+    const std::int64_t ds = dst.strides()[i], ss = src.strides()[i];
+    if (g.ndim > 0 && g.dst_strides[g.ndim - 1] * g.sizes[g.ndim - 1] == ds &&
+        g.src_strides[g.ndim - 1] * g.sizes[g.ndim - 1] == ss) {
+      g.sizes[g.ndim - 1] *= shape[i];
+      continue;
+    }
+    GF_CHECK_ARG(g.ndim < kMaxCopyDims, "CUDA strided copies support at most {} non-mergeable dimensions (shape {})",
+                 kMaxCopyDims, shape_str(shape));
+    g.sizes[g.ndim] = shape[i];
+    g.dst_strides[g.ndim] = ds;
+    g.src_strides[g.ndim] = ss;
+    g.ndim++;
+  }
+  if (g.ndim == 0) {
+    g.ndim = 1;
+    g.sizes[0] = 1;
+  }
+  DeviceScope scope(dst.device().index);
+  GF_CUDA_TRY(static_cast<cudaError_t>(launch_strided_copy_kernel(dst.data_ptr(), dst.dtype(), src.data_ptr(),
+                                                                  src.dtype(), g, n,
+                                                                  reinterpret_cast<void*>(stream))));
+}
 
 void copy(const Tensor& dst, const Tensor& src, bool non_blocking) {
   const bool dcuda = dst.device().is_cuda(), scuda = src.device().is_cuda();

@@ -7,20 +7,12 @@
 #include <climits>
 #include <cstdint>
 
-#include "common/cuda_check.h"
-#include "tensor/cuda_backend.h"
-#include "tensor/tensor.h"
+#include "tensor/copy_kernels.h"
 
 namespace gpufleet::cuda_backend {
 
 namespace {
-constexpr int kMaxDims = 8;
-struct Geometry {
-  int ndim;
-  std::int64_t sizes[kMaxDims];
-  std::int64_t dst_strides[kMaxDims];
-  std::int64_t src_strides[kMaxDims];
-};
+using Geometry = CopyGeometry;
 
 template <DType D> struct Stored;
 template <> struct Stored<DType::Bool> { using type = std::uint8_t; };
@@ -106,50 +98,24 @@ void launch(char* dst, const char* src, DType sd, const Geometry& g, std::int64_
 }
 }  // namespace
 
-void launch_strided_copy(const Tensor& dst, const Tensor& src, std::uintptr_t stream_handle) {
-  GF_ASSERT(dst.shape() == src.shape() && dst.device() == src.device(), "launch_strided_copy operands");
-  const std::int64_t n = dst.numel();
-  if (n == 0) return;
-  // Drop size-1 dimensions and merge dimensions compact for both operands (index 0 innermost).
-  Geometry g{};
-  g.ndim = 0;
-  const auto& shape = dst.shape();
-  for (int i = dst.ndim() - 1; i >= 0; --i) {
-    if (shape[i] == 1) continue;
-    const std::int64_t ds = dst.strides()[i], ss = src.strides()[i];
-    if (g.ndim > 0 && g.dst_strides[g.ndim - 1] * g.sizes[g.ndim - 1] == ds &&
-        g.src_strides[g.ndim - 1] * g.sizes[g.ndim - 1] == ss) {
-      g.sizes[g.ndim - 1] *= shape[i];
-      continue;
-    }
-    GF_CHECK_ARG(g.ndim < kMaxDims, "CUDA strided copies support at most {} non-mergeable dimensions (shape {})",
-                 kMaxDims, shape_str(shape));
-    g.sizes[g.ndim] = shape[i];
-    g.dst_strides[g.ndim] = ds;
-    g.src_strides[g.ndim] = ss;
-    g.ndim++;
+int launch_strided_copy_kernel(void* dst_ptr, DType dst_dtype, const void* src_ptr, DType src_dtype,
+                               const CopyGeometry& g, std::int64_t n, void* stream_ptr) {
+  auto* d = static_cast<char*>(dst_ptr);
+  const auto* s = static_cast<const char*>(src_ptr);
+  auto stream = static_cast<cudaStream_t>(stream_ptr);
+  switch (dst_dtype) {
+    case DType::Bool: launch<DType::Bool>(d, s, src_dtype, g, n, stream); break;
+    case DType::UInt8: launch<DType::UInt8>(d, s, src_dtype, g, n, stream); break;
+    case DType::Int8: launch<DType::Int8>(d, s, src_dtype, g, n, stream); break;
+    case DType::Int16: launch<DType::Int16>(d, s, src_dtype, g, n, stream); break;
+    case DType::Int32: launch<DType::Int32>(d, s, src_dtype, g, n, stream); break;
+    case DType::Int64: launch<DType::Int64>(d, s, src_dtype, g, n, stream); break;
+    case DType::Float16: launch<DType::Float16>(d, s, src_dtype, g, n, stream); break;
+    case DType::BFloat16: launch<DType::BFloat16>(d, s, src_dtype, g, n, stream); break;
+    case DType::Float32: launch<DType::Float32>(d, s, src_dtype, g, n, stream); break;
+    case DType::Float64: launch<DType::Float64>(d, s, src_dtype, g, n, stream); break;
   }
-  if (g.ndim == 0) {
-    g.ndim = 1;
-    g.sizes[0] = 1;
-    g.dst_strides[0] = g.src_strides[0] = 0;
-  }
-  auto* d = static_cast<char*>(dst.data_ptr());
-  const auto* s = static_cast<const char*>(src.data_ptr());
-  auto stream = reinterpret_cast<cudaStream_t>(stream_handle);
-  switch (dst.dtype()) {
-    case DType::Bool: launch<DType::Bool>(d, s, src.dtype(), g, n, stream); break;
-    case DType::UInt8: launch<DType::UInt8>(d, s, src.dtype(), g, n, stream); break;
-    case DType::Int8: launch<DType::Int8>(d, s, src.dtype(), g, n, stream); break;
-    case DType::Int16: launch<DType::Int16>(d, s, src.dtype(), g, n, stream); break;
-    case DType::Int32: launch<DType::Int32>(d, s, src.dtype(), g, n, stream); break;
-    case DType::Int64: launch<DType::Int64>(d, s, src.dtype(), g, n, stream); break;
-    case DType::Float16: launch<DType::Float16>(d, s, src.dtype(), g, n, stream); break;
-    case DType::BFloat16: launch<DType::BFloat16>(d, s, src.dtype(), g, n, stream); break;
-    case DType::Float32: launch<DType::Float32>(d, s, src.dtype(), g, n, stream); break;
-    case DType::Float64: launch<DType::Float64>(d, s, src.dtype(), g, n, stream); break;
-  }
-  GF_CUDA_TRY(cudaGetLastError());
+  return static_cast<int>(cudaGetLastError());
 }
 
 }  // namespace gpufleet::cuda_backend

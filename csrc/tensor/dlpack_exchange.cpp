@@ -22,7 +22,7 @@ struct Export {
 };
 
 template <class Managed>
-Export<Managed>* make_export(const Tensor& t) {
+Export<Managed>* make_export(const Tensor& t, bool host_as_cpu) {
   GF_CHECK_ARG(t.defined(), "cannot export an undefined tensor");
   if (t.device().is_cpu()) t.storage()->wait_pending();
   auto* e = new Export<Managed>();
@@ -32,6 +32,7 @@ Export<Managed>* make_export(const Tensor& t) {
   DLTensor& dl = e->managed.dl_tensor;
   dl.data = t.data_ptr();
   dl.device = dlpack_device(t);
+  if (host_as_cpu && t.device().is_cpu()) dl.device = DLDevice{kDLCPU, 0};
   dl.ndim = t.ndim();
   dl.dtype = to_dlpack_dtype(t.dtype());
   dl.shape = e->shape.empty() ? nullptr : e->shape.data();
@@ -106,10 +107,12 @@ DLDevice dlpack_device(const Tensor& t) {
   return DLDevice{t.is_pinned() ? kDLCUDAHost : kDLCPU, 0};
 }
 
-DLManagedTensor* to_dlpack(const Tensor& t) { return &make_export<DLManagedTensor>(t)->managed; }
+DLManagedTensor* to_dlpack(const Tensor& t, bool host_as_cpu) {
+  return &make_export<DLManagedTensor>(t, host_as_cpu)->managed;
+}
 
-DLManagedTensorVersioned* to_dlpack_versioned(const Tensor& t, bool copied) {
-  auto* e = make_export<DLManagedTensorVersioned>(t);
+DLManagedTensorVersioned* to_dlpack_versioned(const Tensor& t, bool copied, bool host_as_cpu) {
+  auto* e = make_export<DLManagedTensorVersioned>(t, host_as_cpu);
   e->managed.version = DLPackVersion{DLPACK_MAJOR_VERSION, DLPACK_MINOR_VERSION};
   e->managed.flags = copied ? DLPACK_FLAG_BITMASK_IS_COPIED : 0;
   return &e->managed;

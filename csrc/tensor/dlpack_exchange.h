@@ -16,9 +16,10 @@ DLDevice dlpack_device(const Tensor& t);
 
 /// Exports `t` (strides always filled). The returned object keeps the storage alive until its
 /// deleter is called; call the deleter exactly once. Waits for pending host copies first.
-DLManagedTensor* to_dlpack(const Tensor& t);
+/// `host_as_cpu` labels pinned host memory kDLCPU (for a consumer that asked for dl_device=(1, 0)).
+DLManagedTensor* to_dlpack(const Tensor& t, bool host_as_cpu = false);
 /// Same, versioned (DLPack 1.0). `copied` sets DLPACK_FLAG_BITMASK_IS_COPIED.
-DLManagedTensorVersioned* to_dlpack_versioned(const Tensor& t, bool copied = false);
+DLManagedTensorVersioned* to_dlpack_versioned(const Tensor& t, bool copied = false, bool host_as_cpu = false);
 
 /// Runs a producer's deleter; the bindings pass one that takes the GIL and skips the call after the
 /// interpreter is gone. Empty: call it directly.

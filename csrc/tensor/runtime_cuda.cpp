@@ -5,6 +5,7 @@
 
 #include "common/cuda_check.h"
 #include "tensor/cuda_backend.h"
+#include "tensor/stream.h"
 #include "tensor/tensor.h"
 
 namespace gpufleet::cuda_backend {
