@@ -65,11 +65,10 @@ void sleep_ms(long ms) {
   }
 }
 
-bool any_alive(const std::int32_t* groups, std::size_t n, const char* marker) {
-  for (std::size_t i = 0; i < n; ++i)
-    if (::kill(-groups[i], 0) == 0) return true;
-  return kill_marked_processes(marker, 0) > 0;
-}
+// Whether a marked process is still running. Group leaders are not asked with kill(-pgid, 0): a
+// zombie leader (its parent, alive but blocked in close(), has not reaped it yet) would answer for
+// the whole grace period; zombies have an empty /proc/<pid>/environ, so the marker scan skips them.
+bool any_alive(const char* marker) { return kill_marked_processes(marker, 0) > 0; }
 
 [[noreturn]] void supervisor_main(int rfd, const char* marker, long grace_ms, std::int32_t* groups) {
   setpgid(0, 0);
@@ -125,7 +124,7 @@ bool any_alive(const std::int32_t* groups, std::size_t n, const char* marker) {
   }
   for (std::size_t i = 0; i < n; ++i) ::kill(-groups[i], SIGTERM);
   kill_marked_processes(marker, SIGTERM);
-  for (long waited = 0; waited < grace_ms && any_alive(groups, n, marker); waited += 20) sleep_ms(20);
+  for (long waited = 0; waited < grace_ms && any_alive(marker); waited += 20) sleep_ms(20);
   for (int round = 0; round < 3; ++round) {
     for (std::size_t i = 0; i < n; ++i) ::kill(-groups[i], SIGKILL);
     if (kill_marked_processes(marker, SIGKILL) == 0 && round > 0) break;
