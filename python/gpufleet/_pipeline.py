@@ -247,6 +247,7 @@ class _Spec:
     devices: Any = None
     replicas_per_device: int = 1
     factory: Optional[bool] = None
+    to_device: bool = False
     queue_size: Optional[int] = None
 
 
@@ -301,6 +302,36 @@ def _resolve_devices(devices) -> tuple[list[Device], str]:
         raise ValueError("devices is an empty list: give 'auto', a count, a device or a non-empty list")
     note = "ran on the CPU" if all(d.type == "cpu" for d in out) else ""
     return out, note
+
+
+def _stager(device: Device) -> Callable[[Any], Any]:
+    """Note [Staging batches]: with ``.gpu(..., to_device=True)`` each replica turns its batch into a
+    gpufleet Tensor on its device before calling the user's function. For a CUDA device the batch is
+    copied into a pinned host buffer owned by the replica (reallocated only when the batch's shape or
+    dtype changes) and from there to the device; the host-to-device copy is synchronous, so the
+    buffer is free for the next batch when it returns (still DMA from pinned memory, without a staging
+    copy by the driver). For the CPU the batch is wrapped without a copy."""
+    import numpy as np
+
+    from . import _tensor as T
+
+    state: dict = {"buf": None}
+
+    def stage(batch):
+        if isinstance(batch, T.Tensor):
+            return batch.to(device)
+        if not isinstance(batch, np.ndarray) and hasattr(batch, "__dlpack__"):
+            return T.from_dlpack(batch, device=device)
+        arr = np.ascontiguousarray(batch)
+        if device.type == "cpu":
+            return T.from_numpy(arr) if arr.flags.writeable else T.tensor(arr)
+        buf = state["buf"]
+        if buf is None or tuple(buf.shape) != arr.shape or buf.numpy().dtype != arr.dtype:
+            buf = state["buf"] = T.empty(*arr.shape, dtype=str(arr.dtype), pin_memory=True)
+        np.copyto(buf.numpy(), arr)
+        return buf.to(device)
+
+    return stage
 
 
 def _ignore_sigint():  # process-pool initializer: the parent owns Ctrl-C handling
@@ -442,14 +473,17 @@ class Pipeline:
                                queue_size=queue_size))
 
     def gpu(self, fn_or_factory: Callable, *, devices: Any = "auto", replicas_per_device: int = 1,
-            factory: Optional[bool] = None, name: Optional[str] = None,
+            factory: Optional[bool] = None, to_device: bool = False, name: Optional[str] = None,
             queue_size: Optional[int] = None) -> "Pipeline":
         """A device stage: one worker thread per replica per device. With a factory (a callable
         whose first parameter is named ``device``, or ``factory=True``) each replica calls
         ``factory(device)`` once, in its own thread, and uses the returned callable for every batch:
         a model is built once per replica. ``devices``: ``"auto"`` (every visible GPU; the CPU when
         there is none, noted in the report), a count (chosen by ``select_devices``), a device or a
-        list. Outputs pass through as returned (NumPy, torch, DLPack objects)."""
+        list. With ``to_device=True`` each batch (an array, a DLPack object or a gpufleet Tensor) reaches
+        the function as a gpufleet Tensor on the replica's device, staged through a pinned host buffer
+        per replica for a GPU (see Note [Staging batches]). Outputs pass through as returned (NumPy,
+        torch, gpufleet or DLPack tensors)."""
         if not callable(fn_or_factory):
             raise TypeError(f"gpu() takes a function or a factory, got {fn_or_factory!r}")
         _check_int(replicas_per_device, "replicas_per_device")
@@ -458,7 +492,7 @@ class Pipeline:
         return self._add(_Spec("gpu", name or f"gpu:{_fn_name(fn_or_factory)}", fn=fn_or_factory,
                                workers=len(devs) * replicas_per_device, devices=(devs, note),
                                replicas_per_device=replicas_per_device, factory=is_factory,
-                               queue_size=queue_size))
+                               to_device=bool(to_device), queue_size=queue_size))
 
     def unbatch(self, *, name: Optional[str] = None, queue_size: Optional[int] = None) -> "Pipeline":
         """Splits each batch output back into items (its length must equal the batch's)."""
@@ -636,6 +670,9 @@ class _Run:
                     self.fail(TypeError(f"the factory of stage '{spec.name}' returned {fn!r} for {dev}, "
                                         f"expected a callable"), spec.name)
                     return
+            if spec.kind == "gpu" and spec.to_device:
+                stage_in, user_fn = _stager(stage.devices[w // spec.replicas_per_device]), fn
+                fn = lambda batch: user_fn(stage_in(batch))  # noqa: E731
             while True:
                 try:
                     env = in_q.get(clock)

@@ -416,3 +416,67 @@ def test_gpufleet_kernel_as_a_stage_matches_opencv():
     for got, img in zip(r.results, imgs):
         want = cv2.GaussianBlur(img, (7, 7), 1.5, borderType=cv2.BORDER_REPLICATE)
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+_HAS_TENSOR = hasattr(gpufleet, "Tensor") and hasattr(gpufleet, "from_numpy")
+
+
+@pytest.mark.skipif(not _HAS_TENSOR, reason="gpufleet.Tensor not built")
+def test_to_device_hands_gpufleet_tensors_to_the_stage_on_cpu():
+    rng = np.random.default_rng()
+    n, size = int(rng.integers(20, 60)), int(rng.integers(2, 6))
+    data = [rng.random((3, 5), dtype=np.float32) for _ in range(n)]
+    seen = []
+
+    def model(device):
+        def run(batch):
+            seen.append((type(batch), str(batch.device)))
+            return np.asarray(batch) * 2  # a host view of the CPU tensor
+        return run
+
+    r = (Pipeline(data, ordered=True)
+         .batch(size, collate=np.stack)
+         .gpu(model, devices="cpu", to_device=True)
+         .unbatch()
+         .run())
+    assert all(t is gpufleet.Tensor and d == "cpu" for t, d in seen)
+    for got, x in zip(r.results, data):
+        np.testing.assert_array_equal(got, x * 2)
+
+
+@pytest.mark.skipif(not _HAS_TENSOR or gpufleet.build_info()["cuda"] is False
+                    or gpufleet.topology().source in ("none", "simulated"), reason="needs a CUDA device")
+def test_to_device_stages_batches_onto_each_gpu():
+    rng = np.random.default_rng()
+    data = [rng.random((7, 3), dtype=np.float32) for _ in range(41)]
+    seen = set()
+
+    def model(device):
+        def run(batch):
+            seen.add(str(batch.device))
+            assert str(batch.device) == str(device)
+            return batch.cpu().numpy() + 1
+        return run
+
+    r = (Pipeline(data, ordered=True).batch(4, collate=np.stack)
+         .gpu(model, to_device=True, replicas_per_device=2).unbatch().run())
+    assert seen == {f"cuda:{i}" for i in range(gpufleet.device_count())}
+    for got, x in zip(r.results, data):
+        np.testing.assert_array_equal(got, x + 1)
+
+
+def test_gpu_samples_are_recorded_during_the_run(sim_gpus):
+    sim_gpus([{"utilization": 37, "total_memory": "80GiB", "free_memory": "30GiB"}, {"utilization": 5}])
+
+    def model(device):
+        def run(batch):
+            time.sleep(0.01)
+            return batch
+        return run
+
+    r = Pipeline(range(40)).batch(4).gpu(model, devices=[0]).unbatch().run()
+    assert r.gpu_samples, "no GPU samples"
+    assert {s["device"] for s in r.gpu_samples} == {"cuda:0"}  # only the stage's devices
+    assert all(s["utilization"] == 37 and s["used_memory"] == 50 * 2**30 for s in r.gpu_samples)
+    assert all(s["source"] == "simulated" for s in r.gpu_samples)
+    assert "GPU cuda:0 (simulated): utilisation 37% mean" in r.summary()
