@@ -131,8 +131,7 @@ if mode == "skip":
     r = gpufleet.run(gen(), slots_per_device=2, quiet=True, skip_existing=True, output="null")
 else:
     import threading, signal
-    threading.Timer(float(sys.argv[4]), lambda: (os.kill(os.getpid(), signal.SIGINT), time.sleep(0.3),
-                                                  os.kill(os.getpid(), signal.SIGINT))).start()
+    threading.Timer(float(sys.argv[4]), lambda: os.kill(os.getpid(), signal.SIGINT)).start()  # drain
     r = gpufleet.run(gen(), slots_per_device=2, quiet=True, output="null")
 dt = time.perf_counter() - t0
 print(r.total, r.counts["skipped"], r.succeeded, round(dt, 1), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)
@@ -156,7 +155,7 @@ def memory():
         out = subprocess.run([sys.executable, "-c", CHILD, str(n), "run", f.name, str(secs)], capture_output=True,
                              text=True, env=env)
         total, _, ok, dt, rss = out.stdout.split()
-        print(f"   (b) real `true` processes from a {n:,}-task generator for {secs} s (then Ctrl-C x2): "
+        print(f"   (b) real `true` processes from a {n:,}-task generator for {secs} s (then Ctrl-C: drain): "
               f"{int(ok):,} ran, peak RSS {rss} MB")
 
 

@@ -543,7 +543,16 @@ def run(tasks: Iterable[Union[Task, Sequence[str]]], devices: Any = "auto", slot
     state = {"seq": 0, "done": 0, "failed": 0, "running": {}, "attempts": {}}
     bar = _Progress(pool, slots_per_device, total) if progress else None
 
+    holder = {}
+
     def pull(n: int):
+        try:
+            return _pull(n)
+        except KeyboardInterrupt:  # Ctrl-C while Python code ran: same policy as in the C++ loop
+            holder["d"].interrupt()
+            return []
+
+    def _pull(n: int):
         out = []
         for t in itertools.islice(it, n):
             if not isinstance(t, Task):
@@ -565,6 +574,12 @@ def run(tasks: Iterable[Union[Task, Sequence[str]]], devices: Any = "auto", slot
                           ev.signal, ev.log_path or None, ev.message)
 
     def on_events(events) -> None:
+        try:
+            _on_events(events)
+        except KeyboardInterrupt:
+            holder["d"].interrupt()
+
+    def _on_events(events) -> None:
         for ev in events:
             kind = ev.kind
             if kind == "started":
@@ -608,16 +623,24 @@ def run(tasks: Iterable[Union[Task, Sequence[str]]], devices: Any = "auto", slot
         os.set_blocking(wake_w, False)
         os.set_blocking(wake_r, False)
         old_wakeup = signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
+    old_sigint = None
+    if wake_r >= 0 and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        # Ctrl-C never raises inside our callbacks (no half-recorded event): it goes to the drain/cancel policy.
+        old_sigint = signal.signal(signal.SIGINT, lambda signum, frame: holder["d"].interrupt() if "d" in holder
+                                   else signal.default_int_handler(signum, frame))
     try:
         d = _core.Dispatcher(
             ordinals, slots_per_device, cpu_slots or 0, quarantine_after, float(kill_grace), float(retry_backoff),
             output, "" if log_dir is None else os.fspath(log_dir), "" if journal is None else os.fspath(journal),
             bool(resume), bool(skip_existing), 0, float(memory_poll), 0.1 if (bar or on_start or on_finish) else 0.25,
             " ".join(sys.argv)[:1000], pull, on_events, wake_r)
+        holder["d"] = d
         totals = d.run()
     finally:
         if old_wakeup is not None:
             signal.set_wakeup_fd(old_wakeup)
+        if old_sigint is not None:
+            signal.signal(signal.SIGINT, old_sigint)
         for fd in (wake_r, wake_w):
             if fd >= 0:
                 os.close(fd)
