@@ -95,7 +95,7 @@ void nms_row(const int* mp, const int* mc, const int* mn, const int* dxr, const 
 }  // namespace
 
 void canny_classify_band(const std::uint8_t* img, std::int64_t h, std::int64_t w, std::int64_t y0, std::int64_t y1,
-                         const CannyThresholds& t, bool l2, std::uint8_t* map) {
+                         const CannyThresholds& t, bool l2, std::uint8_t* map, std::vector<std::int64_t>& strong) {
   const int low = static_cast<int>(t.low), high = static_cast<int>(t.high);
   std::vector<int> s(w + 2), d(w + 2);
   std::vector<int> mag(3 * (w + 2), 0);
@@ -118,16 +118,30 @@ void canny_classify_band(const std::uint8_t* img, std::int64_t h, std::int64_t w
     const std::size_t kp = slot(y - 1), kc = slot(y), kn = slot(y + 1);
     nms_row(mag.data() + kp * (w + 2), mag.data() + kc * (w + 2), mag.data() + kn * (w + 2), gx.data() + kc * w,
             gy.data() + kc * w, w, low, high, map + y * w);
+    // Collect the strong pixels, skipping eight bytes at a time where there are none.
+    const std::uint8_t* m = map + y * w;
+    std::int64_t x = 0;
+    for (; x + 8 <= w; x += 8) {
+      std::uint64_t v;
+      std::memcpy(&v, m + x, 8);
+      if (!(v & 0x0202020202020202ULL)) continue;  // codes are 0, 1, 2: bit 1 marks a strong pixel
+      for (int i = 0; i < 8; ++i)
+        if (m[x + i] == 2) strong.push_back(y * w + x + i);
+    }
+    for (; x < w; ++x)
+      if (m[x] == 2) strong.push_back(y * w + x);
   }
 }
 
-void canny_hysteresis(std::uint8_t* map, std::int64_t h, std::int64_t w) {
+void canny_hysteresis(std::uint8_t* map, std::int64_t h, std::int64_t w,
+                      const std::vector<const std::vector<std::int64_t>*>& seeds) {
   std::vector<std::int64_t> stack;
-  auto visit = [&](std::int64_t y, std::int64_t x) {
-    std::uint8_t* m = map + y * w;
-    const std::int64_t xl = std::max<std::int64_t>(x - 1, 0), xr = std::min<std::int64_t>(x + 1, w - 1);
-    for (std::int64_t yy = std::max<std::int64_t>(y - 1, 0); yy <= std::min<std::int64_t>(y + 1, h - 1); ++yy) {
-      m = map + yy * w;
+  auto visit = [&](std::int64_t p) {
+    const std::int64_t y = p / w, x = p % w;
+    const std::int64_t xl = x > 0 ? x - 1 : 0, xr = x + 1 < w ? x + 1 : w - 1;
+    const std::int64_t yl = y > 0 ? y - 1 : 0, yr = y + 1 < h ? y + 1 : h - 1;
+    for (std::int64_t yy = yl; yy <= yr; ++yy) {
+      std::uint8_t* m = map + yy * w;
       for (std::int64_t xx = xl; xx <= xr; ++xx) {
         if (m[xx] == 1) {
           m[xx] = 2;
@@ -136,47 +150,44 @@ void canny_hysteresis(std::uint8_t* map, std::int64_t h, std::int64_t w) {
       }
     }
   };
-  const std::int64_t total = h * w;
-  for (std::int64_t i = 0; i < total; ++i) {
-    // Skip eight non-strong bytes at a time (a byte equal to 2 makes (v ^ 0x02..) have a zero byte).
-    while (i + 8 <= total) {
-      std::uint64_t v;
-      std::memcpy(&v, map + i, 8);
-      v ^= 0x0202020202020202ULL;
-      if ((v - 0x0101010101010101ULL) & ~v & 0x8080808080808080ULL) break;
-      i += 8;
-    }
-    if (i >= total) break;
-    if (map[i] != 2) continue;
-    {
-      const std::int64_t y = i / w, x = i % w;
-      visit(y, x);
+  for (const auto* list : seeds) {
+    for (std::int64_t p : *list) {
+      visit(p);
       while (!stack.empty()) {
-        const std::int64_t p = stack.back();
+        const std::int64_t q = stack.back();
         stack.pop_back();
-        visit(p / w, p % w);
+        visit(q);
       }
     }
   }
+}
+
+void canny_map_cpu(const std::uint8_t* src, std::int64_t n, std::int64_t h, std::int64_t w, const CannyThresholds& t,
+                   bool l2, std::uint8_t* map) {
+  const std::int64_t plane = h * w;
+  const std::int64_t band = std::max<std::int64_t>(8, std::min<std::int64_t>(h, 65536 / w + 1));
+  const std::int64_t bands = (h + band - 1) / band;
+  std::vector<std::vector<std::int64_t>> strong(n * bands);
+  parallel_for(n * bands, 1, [&](std::int64_t t0, std::int64_t t1) {
+    for (std::int64_t task = t0; task < t1; ++task) {
+      const std::int64_t img = task / bands, y0 = (task % bands) * band;
+      canny_classify_band(src + img * plane, h, w, y0, std::min(h, y0 + band), t, l2, map + img * plane, strong[task]);
+    }
+  });
+  parallel_for(n, 1, [&](std::int64_t i0, std::int64_t i1) {
+    for (std::int64_t img = i0; img < i1; ++img) {
+      std::vector<const std::vector<std::int64_t>*> seeds;
+      for (std::int64_t b = 0; b < bands; ++b) seeds.push_back(&strong[img * bands + b]);
+      canny_hysteresis(map + img * plane, h, w, seeds);
+    }
+  });
 }
 
 void canny_cpu(const ArrayRef& in, const ArrayRef& out, const CannyThresholds& t, bool l2) {
   const Batch b = as_batch(in, "canny(image)");
   const std::uint8_t* src = in.ptr<const std::uint8_t>();
   std::uint8_t* dst = out.ptr<std::uint8_t>();
-  // Bands of rows across the whole batch, then hysteresis per image, then 0/2 -> 0/255.
-  const std::int64_t band = std::max<std::int64_t>(8, std::min<std::int64_t>(b.h, 65536 / b.w + 1));
-  const std::int64_t bands_per_image = (b.h + band - 1) / band;
-  parallel_for(b.n * bands_per_image, 1, [&](std::int64_t t0, std::int64_t t1) {
-    for (std::int64_t task = t0; task < t1; ++task) {
-      const std::int64_t img = task / bands_per_image, y0 = (task % bands_per_image) * band;
-      canny_classify_band(src + img * b.plane(), b.h, b.w, y0, std::min(b.h, y0 + band), t, l2,
-                          dst + img * b.plane());
-    }
-  });
-  parallel_for(b.n, 1, [&](std::int64_t i0, std::int64_t i1) {
-    for (std::int64_t img = i0; img < i1; ++img) canny_hysteresis(dst + img * b.plane(), b.h, b.w);
-  });
+  canny_map_cpu(src, b.n, b.h, b.w, t, l2, dst);
   parallel_for(b.n * b.h, std::max<std::int64_t>(1, 65536 / b.w), [&](std::int64_t r0, std::int64_t r1) {
     std::uint8_t* p = dst + r0 * b.w;
     const std::int64_t count = (r1 - r0) * b.w;

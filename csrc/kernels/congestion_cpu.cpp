@@ -134,17 +134,7 @@ void congestion_score_cpu(const ArrayRef& depth, const CongestionOut& out, const
   std::vector<std::uint8_t> map_tmp;
   std::uint8_t* map = out.edges.data ? out.edges.ptr<std::uint8_t>() : (map_tmp.resize(b.n * plane), map_tmp.data());
   const CannyThresholds t = canny_thresholds({a.low, a.high, false});
-  const std::int64_t band = std::max<std::int64_t>(8, std::min<std::int64_t>(b.h, 65536 / b.w + 1));
-  const std::int64_t bands = (b.h + band - 1) / band;
-  parallel_for(b.n * bands, 1, [&](std::int64_t t0, std::int64_t t1) {
-    for (std::int64_t task = t0; task < t1; ++task) {
-      const std::int64_t img = task / bands, y0 = (task % bands) * band;
-      canny_classify_band(norm + img * plane, b.h, b.w, y0, std::min(b.h, y0 + band), t, false, map + img * plane);
-    }
-  });
-  parallel_for(b.n, 1, [&](std::int64_t i0, std::int64_t i1) {
-    for (std::int64_t img = i0; img < i1; ++img) canny_hysteresis(map + img * plane, b.h, b.w);
-  });
+  canny_map_cpu(norm, b.n, b.h, b.w, t, false, map);
 
   // 3. the score.
   BlurArgs blur;

@@ -104,30 +104,36 @@ void blur(const ArrayRef& in, const ArrayRef& out, const BlurPlan& plan, const s
     }
   });
 
-  // Column pass: output row y reads scratch rows y-ry .. y+ry (mapped by the border rule).
+  // Column pass: output row y reads scratch rows y-ry .. y+ry (mapped by the border rule). Each chunk
+  // of rows is swept in vertical strips so the window of 2*ry+1 strip rows stays in L1/L2 from one
+  // output row to the next.
+  constexpr std::int64_t kStrip = 512;
   const std::vector<A> zeros(plan.border == Border::Constant ? w : 0, A(0));
   parallel_for(rows, grain, [&](std::int64_t r0, std::int64_t r1) {
     std::vector<const A*> lo(ry), hi(ry);
     std::vector<A> row_out(std::is_same_v<T, float> ? 0 : w);
-    for (std::int64_t row = r0; row < r1; ++row) {
-      const std::int64_t img = row / h, y = row % h;
-      const A* base = tmp.data() + img * h * w;
-      auto row_ptr = [&](std::int64_t yy) {
-        const std::int64_t i = border_index(yy, h, plan.border);
-        return i < 0 ? zeros.data() : base + i * w;
-      };
-      for (int j = 0; j < ry; ++j) {
-        lo[j] = row_ptr(y - ry + j);
-        hi[j] = row_ptr(y + ry - j);
-      }
-      if constexpr (std::is_same_v<T, float>) {
-        symmetric_filter(lo.data(), hi.data(), base + y * w, ky.data(), ry, out.ptr<float>() + row * w, w);
-      } else {
-        symmetric_filter(lo.data(), hi.data(), base + y * w, ky.data(), ry, row_out.data(), w);
-        std::uint8_t* d = out.ptr<std::uint8_t>() + row * w;
-        for (std::int64_t x = 0; x < w; ++x) {
-          const std::uint32_t v = (row_out[x] + (1u << 15)) >> 16;
-          d[x] = static_cast<std::uint8_t>(v > 255 ? 255 : v);
+    for (std::int64_t x0 = 0; x0 < w; x0 += kStrip) {
+      const std::int64_t sw = std::min(kStrip, w - x0);
+      for (std::int64_t row = r0; row < r1; ++row) {
+        const std::int64_t img = row / h, y = row % h;
+        const A* base = tmp.data() + img * h * w + x0;
+        auto row_ptr = [&](std::int64_t yy) {
+          const std::int64_t i = border_index(yy, h, plan.border);
+          return i < 0 ? zeros.data() : base + i * w;
+        };
+        for (int j = 0; j < ry; ++j) {
+          lo[j] = row_ptr(y - ry + j);
+          hi[j] = row_ptr(y + ry - j);
+        }
+        if constexpr (std::is_same_v<T, float>) {
+          symmetric_filter(lo.data(), hi.data(), base + y * w, ky.data(), ry, out.ptr<float>() + row * w + x0, sw);
+        } else {
+          symmetric_filter(lo.data(), hi.data(), base + y * w, ky.data(), ry, row_out.data(), sw);
+          std::uint8_t* d = out.ptr<std::uint8_t>() + row * w + x0;
+          for (std::int64_t x = 0; x < sw; ++x) {
+            const std::uint32_t v = (row_out[x] + (1u << 15)) >> 16;
+            d[x] = static_cast<std::uint8_t>(v > 255 ? 255 : v);
+          }
         }
       }
     }
