@@ -196,6 +196,10 @@ class _Worker:
                 ex._record(fut, self)
 
 
+def _process_chunk(fn, chunk):
+    return [fn(*args) for args in chunk]
+
+
 class GPUExecutor(Executor):
     """A ``concurrent.futures.Executor`` whose workers are fresh processes, ``slots_per_device`` per
     GPU, each started with ``CUDA_VISIBLE_DEVICES`` naming its own GPU (so ``cuda:0`` inside is that
@@ -256,6 +260,19 @@ class GPUExecutor(Executor):
             fut: Future = Future()
             self._queue.put((fut, fn, args, kwargs))
             return fut
+
+    def map(self, fn: Callable, *iterables, timeout: Optional[float] = None, chunksize: int = 1):
+        """Like ``ProcessPoolExecutor.map``: results in order; ``chunksize`` items travel per message."""
+        if isinstance(chunksize, bool) or not isinstance(chunksize, int) or chunksize < 1:
+            raise ValueError(f"chunksize must be an int >= 1, got {chunksize!r}")
+        if chunksize == 1:
+            return super().map(fn, *iterables, timeout=timeout)
+        import functools
+
+        it = zip(*iterables)
+        chunks = iter(lambda: list(itertools.islice(it, chunksize)), [])
+        results = super().map(functools.partial(_process_chunk, fn), chunks, timeout=timeout)
+        return itertools.chain.from_iterable(results)
 
     def _record(self, fut: Future, w: _Worker) -> None:
         self._records.append((w.device, w.slot, fut.done() and fut.exception() is None))

@@ -203,3 +203,12 @@ def test_two_spawns_at_once_get_different_ports(sim_gpus, tmp_path):
         t.join()
     ports = [json.loads((d / "rank0.json").read_text())["MASTER_PORT"] for d in dirs]
     assert ports[0] != ports[1]
+
+
+def test_map_with_chunks_keeps_order(sim_gpus):
+    sim_gpus(2)
+    n = random.randint(50, 97)
+    with gpufleet.GPUExecutor() as ex:
+        assert list(ex.map(F.square, range(n), chunksize=7)) == [i * i for i in range(n)]
+        with pytest.raises(ValueError, match="chunksize must be an int >= 1"):
+            ex.map(F.square, [1], chunksize=0)
