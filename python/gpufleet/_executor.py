@@ -103,6 +103,17 @@ def _pool(devices) -> list[tuple[str, str]]:
     return [(f"cuda:{d.ordinal}", d.visible_id) for d in _core.make_pool(_resolve_devices(devices))]
 
 
+@dataclass
+class _Ev:  # the fields RunReport._attempt reads
+    seq: int
+    name: str
+    attempt: int
+    slot: int
+    start: float
+    end: float
+    status: str
+
+
 # ---- the executor --------------------------------------------------------------------------------
 
 class _Worker:
@@ -159,6 +170,7 @@ class _Worker:
             fut, fn, args, kwargs = item
             if not fut.set_running_or_notify_cancel():
                 continue
+            started = time.time()
             try:
                 if self.proc is None:
                     self.start()
@@ -193,7 +205,7 @@ class _Worker:
                 if self.proc is not None and self.proc.poll() is not None:
                     self.stop(graceful=False)
             finally:
-                ex._record(fut, self)
+                ex._record(fut, self, started, getattr(fn, "__name__", "call"))
 
 
 def _process_chunk(fn, chunk):
@@ -211,7 +223,7 @@ class GPUExecutor(Executor):
 
     def __init__(self, devices: Any = "auto", slots_per_device: int = 1, initializer: Optional[Callable] = None,
                  initargs: tuple = (), max_tasks_per_worker: Optional[int] = None, *, workers: Optional[int] = None,
-                 kill_grace: float = 5.0):
+                 kill_grace: float = 5.0, progress: bool = False, report: bool = False):
         if max_tasks_per_worker is not None and (isinstance(max_tasks_per_worker, bool)
                                                  or not isinstance(max_tasks_per_worker, int) or max_tasks_per_worker < 1):
             raise ValueError(f"max_tasks_per_worker must be None or an int >= 1, got {max_tasks_per_worker!r}")
@@ -235,7 +247,20 @@ class GPUExecutor(Executor):
         self._sup = Supervised(kill_grace)
         self._shutdown = False
         self._lock = threading.Lock()
-        self._records = []
+        self._progress = progress
+        self._calls = self._failed = 0
+        self._report = None
+        self._bar = None
+        if progress or report:
+            from . import _core
+            from ._dispatch import RunReport, _resolve_devices
+
+            gpu_pool = [] if devices == "cpu" else _core.make_pool(_resolve_devices(devices))
+            self._report = RunReport(gpu_pool, slots_per_device, 100_000)
+        if progress:
+            from tqdm.auto import tqdm
+
+            self._bar = tqdm(unit="call", dynamic_ncols=True, desc="gpufleet executor")
         self._workers = []
         for slot in range(slots_per_device):
             for name, visible in pool:
@@ -274,8 +299,35 @@ class GPUExecutor(Executor):
         results = super().map(functools.partial(_process_chunk, fn), chunks, timeout=timeout)
         return itertools.chain.from_iterable(results)
 
-    def _record(self, fut: Future, w: _Worker) -> None:
-        self._records.append((w.device, w.slot, fut.done() and fut.exception() is None))
+    def _record(self, fut: Future, w: _Worker, start: float, name: str) -> None:
+        if not self._progress and self._report is None:
+            return
+        with self._lock:
+            seq = self._calls
+            self._calls += 1
+            ok = fut.done() and not fut.cancelled() and fut.exception() is None
+            if not ok and fut.done() and not fut.cancelled():
+                self._failed += 1
+            if self._report is not None:
+                from ._dispatch import AttemptRecord, TaskRecord
+
+                devs = [w.device] if w.device != "cpu" else []
+                status = "succeeded" if ok else "failed"
+                end = time.time()
+                self._report._attempt(_Ev(seq, name, 1, w.slot, start, end, status), devs)
+                self._report._final(TaskRecord(seq, name, status, devs, w.slot, start, end, 1,
+                                               message="" if ok else repr(fut.exception())))
+            if self._bar is not None:
+                self._bar.set_postfix_str(f"failed={self._failed}", refresh=False)
+                self._bar.update(1)
+
+    def report(self):
+        """The ``RunReport`` of the calls so far (per call: device, slot, times, status; per device:
+        busy fraction, calls, failures). Needs ``GPUExecutor(..., progress=True)`` or ``report=True``."""
+        if self._report is None:
+            raise RuntimeError("this GPUExecutor keeps no report: create it with progress=True or report=True")
+        self._report.finished = time.time()
+        return self._report
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         with self._lock:
@@ -297,6 +349,9 @@ class GPUExecutor(Executor):
         if wait:
             for t in self._threads:
                 t.join()
+            if self._bar is not None:
+                self._bar.close()
+                self._bar = None
             self._sup.close()
             _live_executors.discard(self)
 

@@ -212,3 +212,19 @@ def test_map_with_chunks_keeps_order(sim_gpus):
         assert list(ex.map(F.square, range(n), chunksize=7)) == [i * i for i in range(n)]
         with pytest.raises(ValueError, match="chunksize must be an int >= 1"):
             ex.map(F.square, [1], chunksize=0)
+
+
+def test_report_and_progress(sim_gpus, tmp_path):
+    sim_gpus(2)
+    with gpufleet.GPUExecutor(slots_per_device=2, progress=True) as ex:
+        list(ex.map(F.square, range(11)))
+        with pytest.raises(ValueError):
+            ex.submit(F.fail, 1).result()
+        rep = ex.report()
+    assert rep.total == 12 and rep.succeeded == 11 and rep.failed == 1
+    assert sum(d["tasks"] for d in rep.devices.values()) == 12
+    assert Path(rep.plot_timeline(tmp_path / "x.png")).read_bytes()[:4] == b"\x89PNG"
+    assert "12 tasks" in rep.summary()
+    with gpufleet.GPUExecutor() as ex:
+        with pytest.raises(RuntimeError, match="keeps no report"):
+            ex.report()
