@@ -136,11 +136,11 @@ def test_batch_max_delay_flushes_partial_batches():
         for i in range(10):
             yield i
             if i == 3:
-                time.sleep(0.15)  # longer than max_delay: the first 4 items go out as a batch
+                time.sleep(0.4)  # much longer than max_delay: the first 4 items go out as a batch
 
     sizes = []
     r = (Pipeline(source())
-         .batch(8, max_delay=0.03)
+         .batch(8, max_delay=0.1)
          .map(lambda b: sizes.append(len(b)) or b)
          .run())
     assert sizes[0] == 4
