@@ -70,7 +70,7 @@ void maybe_enable_peer(int dst, int src) {
 
 void host_to_device(const Tensor& dst, const Tensor& src, bool non_blocking) {
   const int dev = dst.device().index;
-  check_device(dev, "cannot copy to a CUDA device");
+  check_device(dev, fmt::format("cannot copy to {}", dst.device().str()).c_str());
   src.storage()->wait_pending();
   const Tensor hsrc = src.contiguous();
   DeviceScope scope(dev);
@@ -89,7 +89,7 @@ void host_to_device(const Tensor& dst, const Tensor& src, bool non_blocking) {
 
 void device_to_host(const Tensor& dst, const Tensor& src, bool non_blocking) {
   const int dev = src.device().index;
-  check_device(dev, "cannot copy from a CUDA device");
+  check_device(dev, fmt::format("cannot copy from {}", src.device().str()).c_str());
   dst.storage()->wait_pending();
   DeviceScope scope(dev);
   const Stream stream = current_stream(dev);
@@ -113,7 +113,7 @@ void device_to_host(const Tensor& dst, const Tensor& src, bool non_blocking) {
 
 void device_to_device(const Tensor& dst, const Tensor& src) {
   const int sdev = src.device().index, ddev = dst.device().index;
-  check_device(std::max(sdev, ddev), "cannot copy between CUDA devices");
+  check_device(std::max(sdev, ddev), fmt::format("cannot copy from {} to {}", src.device().str(), dst.device().str()).c_str());
   if (sdev == ddev) {
     DeviceScope scope(ddev);
     const Stream stream = current_stream(ddev);

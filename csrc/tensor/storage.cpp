@@ -1,6 +1,8 @@
 // Storage lifetime, allocation by memory kind, and the CPU-only "built without CUDA" error.
 #include "tensor/storage.h"
 
+#include <sys/mman.h>
+
 #include <cstdlib>
 #include <stdexcept>
 
@@ -75,9 +77,18 @@ std::shared_ptr<Storage> allocate_storage(std::size_t nbytes, Device device, Mem
       GF_ASSERT(device.is_cpu(), "pageable memory on {}", device.str());
       void* p = nullptr;
       if (nbytes > 0) {
-        p = std::aligned_alloc(64, (nbytes + 63) / 64 * 64);
+        // Large buffers: 2 MiB aligned and backed by transparent huge pages where the kernel allows
+        // it (NumPy does the same above 4 MiB): far fewer page faults on first touch.
+        constexpr std::size_t kHuge = 2u << 20;
+        const bool huge = nbytes >= (4u << 20);
+        const std::size_t align = huge ? kHuge : 64;
+        const std::size_t size = (nbytes + align - 1) / align * align;
+        p = std::aligned_alloc(align, size);
         if (!p)
           throw OutOfMemoryError(fmt::format("out of host memory allocating {} bytes", nbytes));
+#ifdef MADV_HUGEPAGE
+        if (huge) (void)madvise(p, size, MADV_HUGEPAGE);
+#endif
       }
       return wrap_storage(p, nbytes, Device::cpu(), kind, [](void* q) { std::free(q); });
     }
@@ -97,7 +108,7 @@ std::shared_ptr<Storage> allocate_storage(std::size_t nbytes, Device device, Mem
 #if !GPUFLEET_WITH_CUDA
       throw_no_cuda(fmt::format("cannot allocate memory on {}", device.str()));
 #else
-      cuda_backend::check_device(device.index, "cannot allocate device memory");
+      cuda_backend::check_device(device.index, fmt::format("cannot allocate memory on {}", device.str()).c_str());
       auto& alloc = device_allocator(device.index);
       void* p = alloc.allocate(nbytes, current_stream(device.index).handle());
       return wrap_storage(p, nbytes, device, kind, [&alloc](void* q) { alloc.deallocate(q); });
