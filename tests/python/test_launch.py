@@ -55,3 +55,25 @@ def test_launch_multi_node_ranks(tmp_path):
     recs = [json.loads((tmp_path / f"a0-r{i}.json").read_text()) for i in (2, 3)]
     assert [x["LOCAL_RANK"] for x in recs] == ["0", "1"] and {x["WORLD_SIZE"] for x in recs} == {"4"}
     assert {x["MASTER_PORT"] for x in recs} == {"29999"} and {x["GROUP_RANK"] for x in recs} == {"1"}
+
+
+def test_ctrl_c_stops_every_rank(tmp_path):
+    import signal
+    import time
+
+    import psutil
+
+    env = dict(os.environ)
+    env.update(PYTHONPATH=os.path.dirname(os.path.dirname(gpufleet.__file__)), GPUFLEET_SIMULATED_GPUS="2",
+               OUT_DIR=str(tmp_path), SLEEP="60")
+    p = subprocess.Popen([sys.executable, "-m", "gpufleet", "launch", "--log-dir", str(tmp_path / "logs"), str(SCRIPT)],
+                         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    end = time.monotonic() + 30
+    while time.monotonic() < end and not (tmp_path / "a0-r0.json").exists():
+        time.sleep(0.02)
+    pid0 = json.loads((tmp_path / "a0-r0.json").read_text())["pid"]
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=30)
+    assert p.returncode == 130 and "interrupted" in err
+    time.sleep(0.1)
+    assert not psutil.pid_exists(pid0) or psutil.Process(pid0).status() == psutil.STATUS_ZOMBIE

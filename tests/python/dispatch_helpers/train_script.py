@@ -18,4 +18,4 @@ print(f"rank {os.environ['RANK']} says hello", flush=True)
 if os.environ["RANK"] == "1" and (os.environ.get("FAIL_ALWAYS") or (os.environ.get("FAIL_FIRST") and attempt == "0")):
     time.sleep(0.2)
     raise SystemExit("rank 1 lost its data loader")
-time.sleep(0.5 if os.environ["RANK"] != "1" else 0.1)
+time.sleep(float(os.environ.get("SLEEP", "0.5")) if os.environ["RANK"] != "1" else 0.1)
