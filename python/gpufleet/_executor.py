@@ -358,7 +358,7 @@ class GPUExecutor(Executor):
     def _kill(self) -> None:
         """Interpreter exit or Ctrl-C: the kill sequence on every worker now."""
         self.shutdown(wait=False, cancel_futures=True)
-        stop_group([w.proc for w in self._workers if w.proc is not None], self._grace)
+        stop_group([p for p in (w.proc for w in self._workers) if p is not None], self._grace)
 
     def __exit__(self, exc_type, exc, tb):
         if exc_type is KeyboardInterrupt:
