@@ -1,8 +1,10 @@
 // gaussian_blur on CUDA: a row pass into a float32 scratch image, then a column pass, each block
 // staging its tile plus the kernel's halo in shared memory (taps in shared memory too); the whole
-// batch in two launches on the caller's stream. Matches the CPU path (gaussian_blur_cpu.cpp) to float
-// rounding: same taps, same symmetric folding.
+// batch in two launches on the caller's stream. Matches the CPU path (gaussian_blur_cpu.cpp): float32
+// to float rounding (same taps, same symmetric folding), uint8 bit for bit (exact integer sums).
 #include <cstdint>
+#include <type_traits>
+#include <vector>
 
 #include "kernels/cuda_util.h"
 #include "kernels/gaussian_blur.h"
@@ -33,10 +35,13 @@ template <class T>
 __device__ inline T store_value(float v);
 template <>
 __device__ inline float store_value<float>(float v) { return v; }
+// uint8: Note [uint8 blur is integer arithmetic]. With the fixed-point taps (integers summing to 256)
+// every product and partial sum is an integer below 255 * 2^16 < 2^24, so float arithmetic is exact
+// and matches the CPU's integer sums bit for bit; the result is (sum + 2^15) >> 16.
 template <>
 __device__ inline std::uint8_t store_value<std::uint8_t>(float v) {
-  const float r = rintf(v);
-  return static_cast<std::uint8_t>(r < 0.f ? 0.f : (r > 255.f ? 255.f : r));
+  const unsigned r = (static_cast<unsigned>(v) + (1u << 15)) >> 16;
+  return static_cast<std::uint8_t>(r > 255u ? 255u : r);
 }
 
 // One block: kRowThreadsY rows x kRowThreadsX outputs. Shared: taps, then rows of (blockDim.x + 2r).
@@ -122,11 +127,19 @@ template <class T>
 void run_blur(const T* in, T* out, std::int64_t n, std::int64_t h, std::int64_t w, const BlurPlan& plan,
               cudaStream_t stream) {
   const int rx = static_cast<int>(plan.kx.size() / 2), ry = static_cast<int>(plan.ky.size() / 2);
-  Scratch<float> taps(plan.kx.size() + plan.ky.size(), stream);
+  // float32: the float taps; uint8: the fixed-point taps as (exact) floats.
+  std::vector<float> host_taps;
+  if constexpr (std::is_same_v<T, float>) {
+    host_taps.insert(host_taps.end(), plan.kx.begin(), plan.kx.end());
+    host_taps.insert(host_taps.end(), plan.ky.begin(), plan.ky.end());
+  } else {
+    for (auto k : plan.kx_u8) host_taps.push_back(static_cast<float>(k));
+    for (auto k : plan.ky_u8) host_taps.push_back(static_cast<float>(k));
+  }
+  Scratch<float> taps(host_taps.size(), stream);
   // Pageable host -> device: staged by the driver, ordered on the stream, no wait for earlier work.
-  GFK_CUDA_TRY(cudaMemcpyAsync(taps.get(), plan.kx.data(), plan.kx.size() * sizeof(float), cudaMemcpyHostToDevice, stream));
-  GFK_CUDA_TRY(cudaMemcpyAsync(taps.get() + plan.kx.size(), plan.ky.data(), plan.ky.size() * sizeof(float),
-                              cudaMemcpyHostToDevice, stream));
+  GFK_CUDA_TRY(cudaMemcpyAsync(taps.get(), host_taps.data(), host_taps.size() * sizeof(float), cudaMemcpyHostToDevice,
+                               stream));
   const float* kx = taps.get();
   const float* ky = taps.get() + plan.kx.size();
   const int border = static_cast<int>(plan.border);
