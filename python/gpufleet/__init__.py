@@ -9,7 +9,8 @@ names of each part (one private module per part, each with its own ``__all__``):
 - ``_executor``: GPUExecutor, spawn (csrc/dispatch)
 - ``_pipeline``: Pipeline (csrc/pipeline)
 
-``gpufleet.kernels`` is a public submodule (``gpufleet.kernels.gaussian_blur`` ...).
+Public submodules: ``gpufleet.kernels`` (``gpufleet.kernels.gaussian_blur`` ...), ``gpufleet.sinks``
+(``SqlSink``) and ``gpufleet.onnx`` (``providers``).
 """
 from . import _core
 from ._core import __version__
@@ -19,11 +20,13 @@ from ._tensor import *  # noqa: F401,F403
 from ._dispatch import *  # noqa: F401,F403
 from ._executor import *  # noqa: F401,F403
 from ._pipeline import *  # noqa: F401,F403
-from . import kernels  # noqa: E402
+from . import kernels, onnx, sinks  # noqa: E402
 
 __all__ = [
     "__version__",
     "kernels",
+    "onnx",
+    "sinks",
     *_devices.__all__,
     *_tensor.__all__,
     *_dispatch.__all__,
