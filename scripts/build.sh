@@ -22,7 +22,7 @@ case "$flavour" in
 esac
 if [ -n "${CUDA_ARCHITECTURES:-}" ]; then flags+=("-DCMAKE_CUDA_ARCHITECTURES=$CUDA_ARCHITECTURES"); fi
 if [ ! -f "$dir/build.ninja" ]; then
-  "$VENV/bin/cmake" --no-warn-unused-cli -S . -B "$dir" -G Ninja -DCMAKE_MAKE_PROGRAM="$PWD/$VENV/bin/ninja" \
+  "$VENV/bin/cmake" -Wno-unused-cli -S . -B "$dir" -G Ninja -DCMAKE_MAKE_PROGRAM="$PWD/$VENV/bin/ninja" \
     -DPython_EXECUTABLE="$PWD/$VENV/bin/python" \
     -Dpybind11_DIR="$("$VENV/bin/python" -m pybind11 --cmakedir)" "${flags[@]}" >/dev/null
 fi

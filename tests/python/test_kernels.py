@@ -231,7 +231,9 @@ def test_kmeans_sample_and_batches(rng):
     s1 = K.kmeans1d(batch[0], 3, sample=0.05, seed=11)
     s2 = K.kmeans1d(batch[0], 3, sample=0.05, seed=11)
     np.testing.assert_array_equal(s1.labels, s2.labels)
-    assert s1.inertia >= one.inertia * (1 - 1e-12)
+    # Centres from a 5 % sample, labels and inertia over every pixel: never better than the optimum.
+    exact0 = K.kmeans1d(batch[0], 3)
+    assert s1.inertia >= exact0.inertia * (1 - 1e-12)
 
 
 def test_kmeans_degenerate_inputs():
