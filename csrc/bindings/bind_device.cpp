@@ -14,6 +14,18 @@
 namespace gpufleet::bindings {
 
 namespace {
+SelectOptions select_options(int n, std::optional<std::uint64_t> min_free_memory,
+                             std::optional<double> max_utilization, const std::string& order,
+                             std::vector<int> exclude) {
+  SelectOptions o;
+  o.n = n;
+  o.min_free_memory = min_free_memory;
+  o.max_utilization = max_utilization;
+  o.order = parse_select_order(order);
+  o.exclude = std::move(exclude);
+  return o;
+}
+
 constexpr const char* kAcceptedObjects =
     "a gpufleet.Device, a string such as 'cpu' or 'cuda:1', an int N meaning 'cuda:N', or an object "
     "with .type and .index such as torch.device";
@@ -166,12 +178,7 @@ void bind_device(py::module_& m) {
       [](int n, std::optional<std::uint64_t> min_free_memory, std::optional<double> max_utilization,
          const std::string& order, std::vector<int> exclude, bool wait, std::optional<double> timeout,
          double poll_interval) {
-        SelectOptions o;
-        o.n = n;
-        o.min_free_memory = min_free_memory;
-        o.max_utilization = max_utilization;
-        o.order = parse_select_order(order);
-        o.exclude = std::move(exclude);
+        SelectOptions o = select_options(n, min_free_memory, max_utilization, order, std::move(exclude));
         o.wait = wait;
         o.timeout_s = timeout;
         o.poll_interval_s = poll_interval;
@@ -185,12 +192,7 @@ void bind_device(py::module_& m) {
       "explain_selection",
       [](int n, std::optional<std::uint64_t> min_free_memory, std::optional<double> max_utilization,
          const std::string& order, std::vector<int> exclude) {
-        SelectOptions o;
-        o.n = n;
-        o.min_free_memory = min_free_memory;
-        o.max_utilization = max_utilization;
-        o.order = parse_select_order(order);
-        o.exclude = std::move(exclude);
+        const SelectOptions o = select_options(n, min_free_memory, max_utilization, order, std::move(exclude));
         Selection sel = evaluate_selection(devices(), o);
         std::vector<std::tuple<int, bool, std::string>> verdicts;
         for (const auto& v : sel.verdicts) verdicts.emplace_back(v.info.ordinal, v.qualifies, v.reason);

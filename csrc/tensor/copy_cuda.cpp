@@ -6,6 +6,7 @@
 #include <utility>
 
 #include "common/cuda_check.h"
+#include "common/cuda_device_scope.h"
 #include "tensor/copy_kernels.h"
 #include "tensor/cuda_backend.h"
 #include "tensor/stream.h"
@@ -14,22 +15,9 @@
 namespace gpufleet::cuda_backend {
 
 namespace {
-class DeviceScope {
- public:
-  explicit DeviceScope(int device) {
-    GF_CUDA_TRY(cudaGetDevice(&previous_));
-    if (previous_ != device) GF_CUDA_TRY(cudaSetDevice(device));
-    else previous_ = -1;
-  }
-  ~DeviceScope() {
-    if (previous_ >= 0) (void)cudaSetDevice(previous_);
-  }
+using DeviceScope = CudaDeviceScope;
 
- private:
-  int previous_ = -1;
-};
-
-inline cudaStream_t as_stream(std::uintptr_t h) { return reinterpret_cast<cudaStream_t>(h); }
+inline cudaStream_t as_stream(std::uintptr_t h) { return as_cuda_stream(h); }
 
 /// A copy in flight, as the host side's pending work (Note [Host reads wait for copies]).
 class EventWork final : public PendingWork {

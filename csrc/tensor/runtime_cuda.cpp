@@ -4,6 +4,7 @@
 #include <cstdlib>
 
 #include "common/cuda_check.h"
+#include "common/cuda_device_scope.h"
 #include "tensor/cuda_backend.h"
 #include "tensor/stream.h"
 #include "tensor/tensor.h"
@@ -11,22 +12,8 @@
 namespace gpufleet::cuda_backend {
 
 namespace {
-/// Makes `device` current for the scope and restores the previous device (rmm's cuda_set_device_raii).
-class DeviceScope {
- public:
-  explicit DeviceScope(int device) {
-    GF_CUDA_TRY(cudaGetDevice(&previous_));
-    if (previous_ != device) GF_CUDA_TRY(cudaSetDevice(device));
-    else previous_ = -1;
-  }
-  ~DeviceScope() {
-    if (previous_ >= 0) (void)cudaSetDevice(previous_);
-  }
-
- private:
-  int previous_ = -1;
-};
-inline cudaStream_t as_stream(std::uintptr_t h) { return reinterpret_cast<cudaStream_t>(h); }
+using DeviceScope = CudaDeviceScope;
+inline cudaStream_t as_stream(std::uintptr_t h) { return as_cuda_stream(h); }
 inline cudaEvent_t as_event(std::uintptr_t h) { return reinterpret_cast<cudaEvent_t>(h); }
 }  // namespace
 
