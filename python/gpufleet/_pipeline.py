@@ -18,6 +18,7 @@ the error policy, shuts everything down on Ctrl-C or a failing stage, and builds
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import dataclasses
 import heapq
 import inspect
@@ -616,6 +617,22 @@ class _Run:
             self.fail(exc, f"'{stage.spec.name}' on item {idl[0]!r} (#{ks[0]})")
 
     # ---- workers --------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _running(self, stage: _Stage, w: int = 0):
+        """The life of a worker between two queues: its clock runs for the whole body; a cancelled
+        queue ends it quietly, any other exception fails the run naming the stage; either way the
+        clock stops and the downstream queue learns this producer is done."""
+        clock = stage.stats.clock(w)
+        clock.start()
+        try:
+            yield clock
+        except QueueCancelled:
+            pass
+        except BaseException as e:
+            self.fail(e, f"'{stage.spec.name}'")
+        finally:
+            clock.finish()
+            stage.out_q.producer_done()
     def _source_worker(self):
         st = self.source_stage
         clock = st.stats.clock(0)
@@ -656,9 +673,7 @@ class _Run:
 
     def _stage_worker(self, stage: _Stage, w: int, fn: Optional[Callable]):
         spec, stats, in_q, out_q = stage.spec, stage.stats, stage.in_q, stage.out_q
-        clock = stats.clock(w)
-        clock.start()
-        try:
+        with self._running(stage, w) as clock:
             if spec.kind == "gpu" and spec.factory:
                 dev = stage.devices[w // spec.replicas_per_device]
                 try:
@@ -699,38 +714,29 @@ class _Run:
                     stats.add_batch(n)
                 stats.add_items_out(n)
                 out_q.put((keys, ids, result), clock)
-        except QueueCancelled:
-            pass
-        except BaseException as e:
-            self.fail(e, f"'{spec.name}'")
-        finally:
-            clock.finish()
-            out_q.producer_done()
 
     def _batch_worker(self, stage: _Stage):
         spec, stats, in_q, out_q = stage.spec, stage.stats, stage.in_q, stage.out_q
-        clock = stats.clock(0)
-        clock.start()
-        size, delay, collate = spec.size, spec.max_delay, spec.collate
+        with self._running(stage) as clock:
+            size, delay, collate = spec.size, spec.max_delay, spec.collate
 
-        def emit(buf):
-            keys = tuple(e[0] for e in buf)
-            ids = tuple(e[1] for e in buf)
-            items = [e[2] for e in buf]
-            try:
-                payload = collate(items) if collate is not None else items
-            except Exception as e:
-                self.item_error(stage, (keys, ids, items), e)
-                if not self.cancelled.is_set():
-                    out_q.put((keys, ids, _SKIPPED), clock)
-                return
-            stats.add_batch(len(buf))
-            stats.add_items_out(len(buf))
-            out_q.put((keys, ids, payload), clock)
+            def emit(buf):
+                keys = tuple(e[0] for e in buf)
+                ids = tuple(e[1] for e in buf)
+                items = [e[2] for e in buf]
+                try:
+                    payload = collate(items) if collate is not None else items
+                except Exception as e:
+                    self.item_error(stage, (keys, ids, items), e)
+                    if not self.cancelled.is_set():
+                        out_q.put((keys, ids, _SKIPPED), clock)
+                    return
+                stats.add_batch(len(buf))
+                stats.add_items_out(len(buf))
+                out_q.put((keys, ids, payload), clock)
 
-        buf: list = []
-        deadline = None
-        try:
+            buf: list = []
+            deadline = None
             while True:
                 timeout = None
                 if buf and delay is not None:
@@ -755,19 +761,10 @@ class _Run:
                     buf = []
             if buf:
                 emit(buf)
-        except QueueCancelled:
-            pass
-        except BaseException as e:
-            self.fail(e, f"'{spec.name}'")
-        finally:
-            clock.finish()
-            out_q.producer_done()
 
     def _unbatch_worker(self, stage: _Stage):
         spec, stats, in_q, out_q = stage.spec, stage.stats, stage.in_q, stage.out_q
-        clock = stats.clock(0)
-        clock.start()
-        try:
+        with self._running(stage) as clock:
             while True:
                 try:
                     keys, ids, payload = in_q.get(clock)
@@ -795,13 +792,6 @@ class _Run:
                 for k, i, part in zip(keys, ids, parts):
                     out_q.put((k, i, part), clock)
                     stats.add_items_out(1)
-        except QueueCancelled:
-            pass
-        except BaseException as e:
-            self.fail(e, f"'{spec.name}'")
-        finally:
-            clock.finish()
-            out_q.producer_done()
 
     def _sink_worker(self, stage: _Stage):
         spec, stats, in_q = stage.spec, stage.stats, stage.in_q
