@@ -19,6 +19,9 @@ import pytest
 import gpufleet
 
 HELPERS = Path(__file__).parent / "dispatch_helpers"
+sys.path.insert(0, str(HELPERS))
+from proc_utils import alive as _alive  # noqa: E402
+
 pytestmark = pytest.mark.timeout(120)
 
 
@@ -275,17 +278,6 @@ def _wait_for(pred, timeout=20.0):
             return True
         time.sleep(0.02)
     return False
-
-
-def _alive(pids):
-    out = []
-    for p in pids:
-        try:
-            if psutil.Process(p).status() != psutil.STATUS_ZOMBIE:
-                out.append(p)
-        except psutil.NoSuchProcess:
-            pass
-    return out
 
 
 def test_first_ctrl_c_drains_second_cancels(tmp_path):

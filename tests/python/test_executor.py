@@ -20,26 +20,9 @@ import gpufleet
 
 sys.path.insert(0, str(Path(__file__).parent / "dispatch_helpers"))
 import exec_funcs as F  # noqa: E402
+from proc_utils import alive as _alive, wait_gone as _wait_gone  # noqa: E402
 
 pytestmark = pytest.mark.timeout(120)
-
-
-def _alive(pids):
-    out = []
-    for p in pids:
-        try:
-            if psutil.Process(p).status() != psutil.STATUS_ZOMBIE:
-                out.append(p)
-        except psutil.NoSuchProcess:
-            pass
-    return out
-
-
-def _wait_gone(pids, timeout=10.0):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end and _alive(pids):
-        time.sleep(0.02)
-    return _alive(pids)
 
 
 def test_each_worker_has_its_gpu_and_initializer_runs_once(sim_gpus, tmp_path):
