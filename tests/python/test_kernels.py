@@ -154,6 +154,28 @@ def test_canny_batch_and_large(rng):
         np.testing.assert_array_equal(out[i], cv2.Canny(batch[i], 100, 200))
 
 
+@pytest.mark.parametrize("l2", [False, True])
+def test_canny_weak_chains_cross_row_bands(rng, l2):
+    """The CPU canny classifies and grows row bands in parallel (65536 // W + 1 rows each), then grows
+    across bands: weak edges running through every band, seeded around one random row, must come out
+    whole, as in cv2.Canny."""
+    h, w = int(rng.integers(400, 600)), int(rng.integers(700, 1000))
+    yy, xx = np.mgrid[0:h, 0:w]
+    # Two weak steps through every row band, a vertical one and a 45-degree one, whose contrast rises
+    # smoothly to strong around one random row: the only seeds.
+    seed_row = int(rng.integers(0, h))
+    contrast = 25 + 65 * np.exp(-(((yy - seed_row) / 12.0) ** 2))
+    img = 60 + contrast * (xx >= int(rng.integers(10, w - 10))) + contrast * (xx - yy >= int(rng.integers(10, w - h - 10)))
+    img = img.astype(np.uint8)
+    batch = np.stack([img, np.ascontiguousarray(img[::-1])])
+    for lo, hi in [(60, 200), (40, 150)]:
+        out = K.canny(batch, lo, hi, l2gradient=l2)
+        for i in range(2):
+            ref = cv2.Canny(batch[i], lo, hi, L2gradient=l2)
+            assert np.count_nonzero(ref.any(axis=1)) > 0.9 * h, "the reference's edges must run through every band"
+            np.testing.assert_array_equal(out[i], ref, err_msg=f"{h}x{w} thresholds {lo},{hi} l2 {l2} seed {SEED}")
+
+
 def test_canny_rejects_bad_input():
     with pytest.raises(ValueError, match="uint8"):
         K.canny(np.zeros((8, 8), np.float32), 1, 2)
