@@ -5,11 +5,15 @@
 #include <fcntl.h>
 #include <signal.h>
 #include <spawn.h>
+#include <sys/eventfd.h>
+#include <sys/stat.h>
 #include <sys/syscall.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
+#include <cstdlib>
 #include <cstring>
 #include <stdexcept>
 
@@ -101,9 +105,10 @@ Child launch(const LaunchSpec& spec) {
   for (const auto& e : spec.env) envp.push_back(const_cast<char*>(e.c_str()));
   envp.push_back(nullptr);
   pid_t pid = -1;
-  const bool search = spec.argv[0].find('/') == std::string::npos;
-  int rc = search ? posix_spawnp(&pid, argv[0], &sa.actions, &sa.attr, argv.data(), envp.data())
-                  : posix_spawn(&pid, argv[0], &sa.actions, &sa.attr, argv.data(), envp.data());
+  const std::string& program = spec.program.empty() ? spec.argv[0] : spec.program;
+  const bool search = program.find('/') == std::string::npos;
+  int rc = search ? posix_spawnp(&pid, program.c_str(), &sa.actions, &sa.attr, argv.data(), envp.data())
+                  : posix_spawn(&pid, program.c_str(), &sa.actions, &sa.attr, argv.data(), envp.data());
   if (out_fd >= 0) ::close(out_fd);
   if (pipe_fds[1] >= 0) ::close(pipe_fds[1]);
   if (rc != 0) {
@@ -119,6 +124,18 @@ Child launch(const LaunchSpec& spec) {
     c.output_fd = pipe_fds[0];
   }
   return c;
+}
+
+std::optional<ExitStatus> reap_group(pid_t pid) {
+  siginfo_t si;
+  std::memset(&si, 0, sizeof si);
+  int r;
+  do r = ::waitid(P_PID, static_cast<id_t>(pid), &si, WEXITED | WNOHANG | WNOWAIT);
+  while (r < 0 && errno == EINTR);
+  if (r < 0) return ExitStatus{};  // ECHILD: reaped elsewhere; status unknown
+  if (si.si_pid == 0) return std::nullopt;
+  signal_group(pid, SIGKILL);  // leftovers of the group (background children); the zombie keeps the id
+  return reap(pid);
 }
 
 std::optional<ExitStatus> try_reap(pid_t pid) {
@@ -149,6 +166,130 @@ void close_child(Child& c) {
   if (c.pidfd >= 0) ::close(c.pidfd);
   if (c.output_fd >= 0) ::close(c.output_fd);
   c.pidfd = c.output_fd = -1;
+}
+
+std::string resolve_program(const std::string& name, const std::string& cwd, int& err) {
+  err = 0;
+  if (name.empty() || name.find('/') != std::string::npos) return name;
+  const char* path = ::getenv("PATH");
+  std::string_view dirs = path ? path : "/bin:/usr/bin";
+  bool denied = false;
+  std::size_t pos = 0;
+  for (;;) {
+    std::size_t colon = dirs.find(':', pos);
+    std::string_view dir = dirs.substr(pos, colon == std::string_view::npos ? std::string_view::npos : colon - pos);
+    std::string cand = dir.empty() ? name : std::string(dir) + "/" + name;  // empty entry: the current directory
+    std::string check = cand;
+    if (cand[0] != '/' && !cwd.empty()) check = cwd + "/" + cand;
+    struct stat st;
+    if (::stat(check.c_str(), &st) == 0) {
+      if (S_ISREG(st.st_mode) && ::access(check.c_str(), X_OK) == 0) return dir.empty() ? "./" + name : cand;
+      denied = true;  // execve would fail with EACCES; execvp goes on searching and reports EACCES at the end
+    }
+    if (colon == std::string_view::npos) break;
+    pos = colon + 1;
+  }
+  err = denied ? EACCES : ENOENT;
+  return name;
+}
+
+// ---- Launcher: see Note [Launcher threads] in process.h ------------------------------------------
+
+Launcher::Launcher(int threads, std::function<void(pid_t)> spawned) : spawned_(std::move(spawned)) {
+  efd_ = ::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+  if (efd_ < 0) throw std::runtime_error(fmt::format("eventfd: {}", std::strerror(errno)));
+  // The threads inherit this mask: every signal blocked, so signals keep going to the other threads
+  // (Python's SIGINT handling, the dispatcher's wake-up fd) and never interrupt a spawn.
+  sigset_t all, old;
+  sigfillset(&all);
+  pthread_sigmask(SIG_SETMASK, &all, &old);
+  try {
+    for (int i = 0; i < std::max(1, threads); ++i) threads_.emplace_back([this] { worker(); });
+  } catch (...) {
+    pthread_sigmask(SIG_SETMASK, &old, nullptr);
+    {
+      std::lock_guard<std::mutex> lk(mu_);
+      stop_ = true;
+    }
+    work_cv_.notify_all();
+    for (auto& t : threads_) t.join();
+    ::close(efd_);
+    throw;
+  }
+  pthread_sigmask(SIG_SETMASK, &old, nullptr);
+}
+
+Launcher::~Launcher() {
+  {
+    std::lock_guard<std::mutex> lk(mu_);
+    stop_ = true;  // the queued jobs still run: a submitted launch always gets its result
+  }
+  work_cv_.notify_all();
+  for (auto& t : threads_) t.join();
+  // Results nobody took: their children must not be left running or unreaped.
+  for (auto& d : done_)
+    if (d.child.pid > 0) {
+      signal_group(d.child.pid, SIGKILL);
+      reap(d.child.pid);
+      close_child(d.child);
+    }
+  ::close(efd_);
+}
+
+void Launcher::submit(std::uint64_t id, LaunchSpec spec) {
+  {
+    std::lock_guard<std::mutex> lk(mu_);
+    jobs_.emplace_back(id, std::move(spec));
+    ++in_flight_;
+  }
+  work_cv_.notify_one();
+}
+
+void Launcher::worker() {
+  for (;;) {
+    std::pair<std::uint64_t, LaunchSpec> job;
+    {
+      std::unique_lock<std::mutex> lk(mu_);
+      work_cv_.wait(lk, [&] { return stop_ || !jobs_.empty(); });
+      if (jobs_.empty()) return;  // stop_ and nothing left
+      job = std::move(jobs_.front());
+      jobs_.pop_front();
+    }
+    Done d;
+    d.id = job.first;
+    try {
+      d.child = launch(job.second);
+      if (spawned_) spawned_(d.child.pid);
+    } catch (const std::exception& ex) {
+      d.child = Child{};
+      d.error = ex.what();
+    }
+    bool first;
+    {
+      std::lock_guard<std::mutex> lk(mu_);
+      done_.push_back(std::move(d));
+      first = done_.size() == 1;
+      if (--in_flight_ == 0) idle_cv_.notify_all();
+    }
+    if (first) {
+      std::uint64_t one = 1;
+      [[maybe_unused]] ssize_t w = ::write(efd_, &one, sizeof one);
+    }
+  }
+}
+
+std::vector<Launcher::Done> Launcher::take() {
+  std::uint64_t v;
+  [[maybe_unused]] ssize_t r = ::read(efd_, &v, sizeof v);  // reset before looking (a later push writes again)
+  std::vector<Done> out;
+  std::lock_guard<std::mutex> lk(mu_);
+  out.swap(done_);
+  return out;
+}
+
+void Launcher::wait_idle() {
+  std::unique_lock<std::mutex> lk(mu_);
+  idle_cv_.wait(lk, [&] { return in_flight_ == 0; });
 }
 
 std::vector<std::string> current_environment(const std::vector<std::string>& drop) {

@@ -1,6 +1,8 @@
-// The dispatcher's run loop. One thread: poll() on pidfds (task exits), output pipes, a wake pipe
-// and the interrupt fd; the Python layer is only entered through the hooks (pull tasks, events,
-// interrupt checks), each of which takes the GIL briefly.
+// The dispatcher's run loop. One thread: poll() on pidfds (task exits), output pipes, a wake pipe,
+// the launcher's eventfd and the interrupt fd; the Python layer is only entered through the hooks
+// (pull tasks, events, interrupt checks), each of which takes the GIL briefly. The posix_spawn calls
+// themselves run on a few launcher threads (Note [Launcher threads] in process.h); everything else,
+// the run's state included, stays on this thread.
 #include "dispatch/scheduler.h"
 
 #include <fcntl.h>
@@ -14,6 +16,7 @@
 #include <chrono>
 #include <cmath>
 #include <cstring>
+#include <deque>
 #include <filesystem>
 #include <list>
 #include <memory>
@@ -84,6 +87,11 @@ struct Running {
   std::vector<int> devices;  // pool positions
   std::vector<int> slots;    // slot per device (or the CPU slot)
   Child child;
+  // Launching: submitted to the launcher, no pid yet (its Started event waits in `started`).
+  bool launching = false, launch_done = false;
+  std::uint64_t launch_id = 0;
+  std::string launch_error;
+  TaskEvent started;
   double start_mono = 0, start_epoch = 0;
   double deadline = 0, kill_at = 0;
   bool timed_out = false, cancelled = false;
@@ -110,6 +118,9 @@ struct Dispatcher::Impl {
   std::unique_ptr<Supervisor> supervisor;
   std::list<Pending> queue;
   std::list<Running> running;
+  std::unique_ptr<Launcher> launcher;
+  std::deque<std::list<Running>::iterator> launching;  // submission order
+  std::uint64_t next_launch_id = 1;
   std::vector<DevState> devs;
   std::vector<bool> cpu_busy;
   std::vector<TaskEvent> events;
@@ -470,26 +481,62 @@ struct Dispatcher::Impl {
     e.slot = slots.empty() ? 0 : slots[0];
     e.start = r.start_epoch;
     e.log_path = r.log_path;
-    try {
-      r.child = launch(ls);
-    } catch (const std::exception& ex) {
-      r.child.pid = -1;
-      e.message = ex.what();
-    }
     ++totals.attempts;
-    if (r.child.pid > 0) {
-      supervisor->track(r.child.pid);
-      if (t.timeout_s > 0) r.deadline = r.start_mono + t.timeout_s;
-      e.pid = r.child.pid;
-      if (journal) journal->record_start(r.spec, e, device_names(ds), run_id);
-      events.push_back(e);
-      running.push_back(std::move(r));
+    r.started = std::move(e);
+    r.launching = true;
+    r.launch_id = next_launch_id++;
+    int err = 0;
+    ls.program = resolve_program(ls.argv[0], ls.cwd, err);  // here: the launcher threads read no environment
+    running.push_back(std::move(r));
+    auto it = std::prev(running.end());
+    launching.push_back(it);
+    if (err != 0) {
+      it->launch_done = true;
+      it->child.pid = -1;
+      it->launch_error = fmt::format("cannot start '{}'{}: {}", ls.argv[0],
+                                     ls.cwd.empty() ? "" : fmt::format(" in '{}'", ls.cwd), std::strerror(err));
     } else {
+      launcher->submit(it->launch_id, std::move(ls));
+    }
+  }
+
+  // Takes the launcher's results and completes the starts in submission order, so that Started
+  // events (and journal rows) keep the order in which the queue started the tasks.
+  void collect_launches(bool wait, bool results = true) {
+    if (launching.empty()) return;
+    if (wait) launcher->wait_idle();
+    if (results || wait)
+      for (auto& d : launcher->take())
+        for (auto it : launching)
+          if (it->launch_id == d.id) {
+            it->launch_done = true;
+            it->child = d.child;
+            it->launch_error = std::move(d.error);
+            break;
+          }
+    while (!launching.empty() && launching.front()->launch_done) {
+      auto it = launching.front();
+      launching.pop_front();
+      complete_start(it);
+    }
+  }
+
+  void complete_start(std::list<Running>::iterator it) {
+    Running& r = *it;
+    r.launching = false;
+    TaskEvent& e = r.started;
+    if (r.child.pid > 0) {
+      if (r.spec.timeout_s > 0) r.deadline = r.start_mono + r.spec.timeout_s;
+      e.pid = r.child.pid;
+      if (journal) journal->record_start(r.spec, e, device_names(r.devices), run_id);
       events.push_back(e);
-      running.push_back(std::move(r));
+      if (r.cancelled) stop_task(r, mono());  // cancelled while it was being launched
+    } else {
+      e.message = r.launch_error;
+      events.push_back(e);
       ExitStatus st;
       st.exit_code = 127;
-      finish(std::prev(running.end()), st, e.message);
+      finish(it, st, e.message);
     }
   }
 
@@ -527,8 +574,7 @@ struct Dispatcher::Impl {
 
   void finish(std::list<Running>::iterator it, ExitStatus st, std::string why = {}) {
     Running& r = *it;
-    if (r.child.pid > 0) {
-      signal_group(r.child.pid, SIGKILL);  // leftovers of the group (background children)
+    if (r.child.pid > 0) {  // reaped by reap_group, which also killed the leftovers of its group
       supervisor->untrack(r.child.pid);
       pump_output(r, true);
     }
@@ -666,6 +712,9 @@ struct Dispatcher::Impl {
     }
     totals.run_id = run_id;
     supervisor = std::make_unique<Supervisor>(marker, opt.kill_grace_s);
+    int threads = opt.launch_threads > 0 ? opt.launch_threads : std::min<int>(static_cast<int>(total_slots()), 4);
+    Supervisor* sup = supervisor.get();
+    launcher = std::make_unique<Launcher>(threads, [sup](pid_t pid) { sup->track(pid); });
     try {
       loop();
     } catch (...) {
@@ -674,11 +723,13 @@ struct Dispatcher::Impl {
         flush_events(true);
       } catch (...) {
       }
+      launcher.reset();
       supervisor->close();
       if (journal) journal->end_run(run_id, "error");
       throw;
     }
     flush_events(true);
+    launcher.reset();
     supervisor->close();
     if (journal) journal->end_run(run_id, totals.cancelled ? "cancelled" : totals.drained ? "drained" : "finished");
     return totals;
@@ -686,6 +737,13 @@ struct Dispatcher::Impl {
 
   // On an exception: the kill sequence for every running task, synchronously.
   void abort_all() {
+    // Launches in flight finish first (they are tracked by the supervisor as soon as they exist).
+    while (!launching.empty()) {
+      try {
+        collect_launches(true);
+      } catch (...) {  // a journal or event failure: that start was popped already and is stopped below
+      }
+    }
     double now = mono();
     for (auto& r : running) {
       r.cancelled = true;
@@ -694,7 +752,7 @@ struct Dispatcher::Impl {
     double until = now + opt.kill_grace_s;
     while (!running.empty()) {
       for (auto it = running.begin(); it != running.end();) {
-        auto st = it->child.pid > 0 ? try_reap(it->child.pid) : std::optional<ExitStatus>(ExitStatus{});
+        auto st = it->child.pid > 0 ? reap_group(it->child.pid) : std::optional<ExitStatus>(ExitStatus{});
         if (st) {
           auto next = std::next(it);
           try {
@@ -720,6 +778,7 @@ struct Dispatcher::Impl {
       handle_requests(now);
       if (!stopping() && !source_done && queue.size() <= opt.lookahead / 2) pull_more();
       if (!stopping()) schedule(now);
+      collect_launches(false, false);  // starts that failed before reaching the launcher (PATH search)
       if (running.empty()) {
         if (stopping()) {
           for (auto& p : queue)
@@ -746,7 +805,9 @@ struct Dispatcher::Impl {
       owners.clear();
       fds.push_back({wake[0], POLLIN, 0});
       fds.push_back({hooks.wake_fd, POLLIN, 0});
+      fds.push_back({launcher->fd(), POLLIN, 0});
       for (auto it = running.begin(); it != running.end(); ++it) {
+        if (it->launching) continue;  // no pid yet: the launcher's eventfd wakes us
         if (it->deadline > 0 && !it->timed_out) timeout = std::min(timeout, std::max(0.0, it->deadline - now));
         if (it->kill_at > 0) timeout = std::min(timeout, std::max(0.0, it->kill_at - now));
         if (it->child.pidfd >= 0) {
@@ -779,17 +840,18 @@ struct Dispatcher::Impl {
       }
       // output, then exits
       std::vector<std::list<Running>::iterator> exited;
-      for (std::size_t i = 2; n > 0 && i < fds.size(); ++i) {
+      if (n > 0 && (fds[2].revents & POLLIN)) collect_launches(false, true);
+      for (std::size_t i = 3; n > 0 && i < fds.size(); ++i) {
         if (!fds[i].revents) continue;
-        auto it = owners[i - 2];
+        auto it = owners[i - 3];
         if (fds[i].fd == it->child.output_fd) pump_output(*it, false);
         else if (fds[i].fd == it->child.pidfd) exited.push_back(it);
       }
       if (no_pidfd)
         for (auto it = running.begin(); it != running.end(); ++it)
-          if (it->child.pidfd < 0) exited.push_back(it);
+          if (it->child.pidfd < 0 && !it->launching) exited.push_back(it);
       for (auto it : exited) {
-        auto st = try_reap(it->child.pid);
+        auto st = reap_group(it->child.pid);
         if (st) finish(it, *st);
       }
       // timeouts and the kill sequence
@@ -798,7 +860,7 @@ struct Dispatcher::Impl {
           r.timed_out = true;
           stop_task(r, now);
         }
-        if (r.kill_at > 0 && now >= r.kill_at) {
+        if (r.kill_at > 0 && now >= r.kill_at && r.child.pid > 0) {
           signal_group(r.child.pid, SIGKILL);
           r.kill_at = now + 1.0;  // again later if something in the group survives
         }

@@ -229,7 +229,9 @@ def test_lazy_input_is_pulled_in_bounded_chunks(sim_gpus, tmp_path):
 
     rep = gpufleet.run(gen(), slots_per_device=2, quiet=True)
     assert rep.succeeded == 300
-    assert state["ahead"] <= 4 * (4 + 4) + 16 + 1  # the lookahead window: 4 x (GPU + CPU slots) + 16
+    # the lookahead window, 4 x (GPU + CPU slots) + 16, plus the tasks holding the 4 GPU slots whose
+    # command has not touched its file yet (launched on a launcher thread, or not scheduled by the OS yet)
+    assert state["ahead"] <= 4 * (4 + 4) + 16 + 4 + 1
 
 
 def test_bad_arguments_name_the_value(sim_gpus):
