@@ -3,6 +3,7 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <array>
 #include <atomic>
 #include <cmath>
 #include <numeric>
@@ -127,6 +128,105 @@ TEST(KernelsCanny, StepEdgesAndBorders) {
     for (std::int64_t x = 0; x < w; ++x) EXPECT_EQ(out[y * w + x], x == 5 ? 255 : 0) << y << "," << x;
   std::vector<float> f(h * w);
   EXPECT_THROW(canny(view(f, {h, w}, DType::F32), view(out, {h, w}, DType::U8), {1, 2, false}), std::invalid_argument);
+}
+
+namespace {
+
+// Note [Canny rules] written out directly, one pixel at a time, as the reference for the banded SIMD
+// implementation (the Python tests compare with OpenCV itself; this one also runs under ASan).
+std::vector<std::uint8_t> canny_reference(const std::uint8_t* img, std::int64_t h, std::int64_t w,
+                                          const CannyThresholds& t, bool l2) {
+  auto px = [&](std::int64_t y, std::int64_t x) {
+    return static_cast<int>(img[std::clamp<std::int64_t>(y, 0, h - 1) * w + std::clamp<std::int64_t>(x, 0, w - 1)]);
+  };
+  std::vector<int> dx(h * w), dy(h * w), mag(h * w);
+  for (std::int64_t y = 0; y < h; ++y)
+    for (std::int64_t x = 0; x < w; ++x) {
+      const int gx = px(y - 1, x + 1) + 2 * px(y, x + 1) + px(y + 1, x + 1) - px(y - 1, x - 1) - 2 * px(y, x - 1) -
+                     px(y + 1, x - 1);
+      const int gy = px(y + 1, x - 1) + 2 * px(y + 1, x) + px(y + 1, x + 1) - px(y - 1, x - 1) - 2 * px(y - 1, x) -
+                     px(y - 1, x + 1);
+      dx[y * w + x] = gx;
+      dy[y * w + x] = gy;
+      mag[y * w + x] = l2 ? gx * gx + gy * gy : std::abs(gx) + std::abs(gy);
+    }
+  auto m = [&](std::int64_t y, std::int64_t x) {
+    return y < 0 || y >= h || x < 0 || x >= w ? 0 : mag[y * w + x];
+  };
+  std::vector<std::uint8_t> state(h * w, 0);
+  std::vector<std::int64_t> work;
+  for (std::int64_t y = 0; y < h; ++y)
+    for (std::int64_t x = 0; x < w; ++x) {
+      const int v = m(y, x);
+      if (v <= t.low) continue;
+      const std::int64_t ax = std::abs(dx[y * w + x]), ay = std::int64_t{std::abs(dy[y * w + x])} << 15;
+      const std::int64_t tg22 = ax * 13573, tg67 = tg22 + (ax << 16);
+      bool keep;
+      if (ay < tg22) {
+        keep = v > m(y, x - 1) && v >= m(y, x + 1);
+      } else if (ay > tg67) {
+        keep = v > m(y - 1, x) && v >= m(y + 1, x);
+      } else {
+        const int s = (dx[y * w + x] < 0) != (dy[y * w + x] < 0) ? -1 : 1;
+        keep = v > m(y - 1, x - s) && v > m(y + 1, x + s);
+      }
+      if (!keep) continue;
+      state[y * w + x] = v > t.high ? 2 : 1;
+      if (v > t.high) work.push_back(y * w + x);
+    }
+  while (!work.empty()) {
+    const std::int64_t p = work.back();
+    work.pop_back();
+    for (std::int64_t yy = p / w - 1; yy <= p / w + 1; ++yy)
+      for (std::int64_t xx = p % w - 1; xx <= p % w + 1; ++xx)
+        if (yy >= 0 && yy < h && xx >= 0 && xx < w && state[yy * w + xx] == 1) {
+          state[yy * w + xx] = 2;
+          work.push_back(yy * w + xx);
+        }
+  }
+  std::vector<std::uint8_t> out(h * w);
+  for (std::int64_t i = 0; i < h * w; ++i) out[i] = state[i] == 2 ? 255 : 0;
+  return out;
+}
+
+}  // namespace
+
+TEST(KernelsCanny, MatchesTheRulesAcrossBandsBatchesAndWidths) {
+  // Smoothed noise (long weak chains), widths around the 16-pixel groups, and heights spanning many
+  // row bands (65536 / w + 1 rows each).
+  std::mt19937 gen(11);
+  for (int threads : {1, 3}) {
+    set_num_threads(threads);
+    for (auto [n, h, w] : std::vector<std::array<std::int64_t, 3>>{
+             {1, 1, 1}, {1, 2, 17}, {2, 33, 15}, {1, 700, 16}, {3, 400, 233}, {1, 260, 1025}, {2, 150, 4099}}) {
+      std::vector<std::uint8_t> img(n * h * w), out(n * h * w);
+      std::vector<float> raw(n * h * w);
+      for (auto& v : raw) v = static_cast<float>(gen() % 256);
+      // a 5x5 box smoothing keeps the structure of real images (mostly sub-threshold, long edges)
+      for (std::int64_t i = 0; i < n; ++i)
+        for (std::int64_t y = 0; y < h; ++y)
+          for (std::int64_t x = 0; x < w; ++x) {
+            float s = 0;
+            int c = 0;
+            for (std::int64_t yy = std::max<std::int64_t>(0, y - 2); yy <= std::min(h - 1, y + 2); ++yy)
+              for (std::int64_t xx = std::max<std::int64_t>(0, x - 2); xx <= std::min(w - 1, x + 2); ++xx, ++c)
+                s += raw[(i * h + yy) * w + xx];
+            img[(i * h + y) * w + x] = static_cast<std::uint8_t>(s / c);
+          }
+      for (bool l2 : {false, true})
+        for (auto [lo, hi] : std::vector<std::array<double, 2>>{{10, 30}, {40, 80}, {0, 1}}) {
+          const CannyArgs a{lo, hi, l2};
+          canny(view(img, {n, h, w}, DType::U8), view(out, {n, h, w}, DType::U8), a);
+          for (std::int64_t i = 0; i < n; ++i) {
+            const auto ref = canny_reference(img.data() + i * h * w, h, w, canny_thresholds(a), l2);
+            ASSERT_TRUE(std::equal(ref.begin(), ref.end(), out.begin() + i * h * w))
+                << n << "x" << h << "x" << w << " image " << i << " thresholds " << lo << "," << hi << " l2 " << l2
+                << " threads " << threads;
+          }
+        }
+    }
+  }
+  set_num_threads(0);
 }
 
 TEST(KernelsKMeans, ExactMatchesBruteForce) {
