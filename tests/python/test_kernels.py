@@ -425,21 +425,59 @@ requires_cuda = pytest.mark.skipif(
     reason="needs a CUDA device and a CUDA build")
 
 
+CUDA_SHAPES = [(1, 97), (89, 1), (2, 3), (61, 67), (97, 211), (256, 509), (1024, 2048)]
+
+
+def _on_gpu(lib, a):
+    if lib.__name__ == "cupy":
+        return lib.asarray(a)
+    return lib.from_numpy(np.ascontiguousarray(a)).cuda()
+
+
+def _back(lib, a, like=None):
+    """The result as NumPy, after checking it is the input library's own CUDA array."""
+    if lib.__name__ == "cupy":
+        assert isinstance(a, lib.ndarray), type(a)
+        if like is not None:
+            assert a.device == like.device
+        return lib.asnumpy(a)
+    assert isinstance(a, lib.Tensor) and a.is_cuda, type(a)
+    if like is not None:
+        assert a.device == like.device
+    return a.cpu().numpy()
+
+
 @requires_cuda
-def test_cuda_matches_cpu(rng):
-    cp = pytest.importorskip("cupy")
-    depth = np.stack([synthetic_depth(rng, (97, 211)) for _ in range(3)])
-    x = random_image(rng, (3, 97, 211), np.float32)
-    d_depth, d_x = cp.asarray(depth), cp.asarray(x)
-    np.testing.assert_allclose(cp.asnumpy(K.gaussian_blur(d_x, 71, 7)), K.gaussian_blur(x, 71, 7), rtol=1e-5, atol=1e-4)
-    np.testing.assert_array_equal(cp.asnumpy(K.gaussian_blur(d_depth, 71, 7)), K.gaussian_blur(depth, 71, 7))
-    np.testing.assert_array_equal(cp.asnumpy(K.canny(d_depth, 20, 50)), K.canny(depth, 20, 50))
-    gpu = K.kmeans1d(d_depth, 4)
-    cpu = K.kmeans1d(depth, 4)
-    np.testing.assert_array_equal(cp.asnumpy(gpu.labels), cpu.labels)
-    np.testing.assert_allclose(cp.asnumpy(gpu.inertia), cpu.inertia, rtol=1e-9)
-    np.testing.assert_array_equal(cp.asnumpy(K.normalize_minmax(d_depth)), K.normalize_minmax(depth))
-    np.testing.assert_allclose(cp.asnumpy(K.mean(d_x, axis=(1, 2))), K.mean(x, axis=(1, 2)), rtol=1e-12)
+@pytest.mark.parametrize("lib_name", ["cupy", "torch"])
+@pytest.mark.parametrize("shape", CUDA_SHAPES)
+def test_cuda_matches_cpu(rng, lib_name, shape):
+    lib = pytest.importorskip(lib_name)
+    n = 1 if shape[0] * shape[1] > 100_000 else 3
+    depth = np.stack([synthetic_depth(rng, shape) for _ in range(n)])
+    x = random_image(rng, (n,) + shape, np.float32)
+    d_depth, d_x = _on_gpu(lib, depth), _on_gpu(lib, x)
+    msg = f"{lib_name} {n}x{shape} seed {SEED}"
+    for ksize, sigma in [(71, 7.0), (5, 1.2), (0, 2.5)]:
+        for border in BORDERS:
+            np.testing.assert_allclose(_back(lib, K.gaussian_blur(d_x, ksize, sigma, border=border), d_x),
+                                       K.gaussian_blur(x, ksize, sigma, border=border), rtol=1e-5, atol=1e-4,
+                                       err_msg=f"blur f32 {ksize} {sigma} {border} {msg}")
+            np.testing.assert_array_equal(_back(lib, K.gaussian_blur(d_depth, ksize, sigma, border=border)),
+                                          K.gaussian_blur(depth, ksize, sigma, border=border),
+                                          err_msg=f"blur u8 {ksize} {sigma} {border} {msg}")
+    noise = random_image(rng, (n,) + shape, np.uint8)
+    for img in (depth, noise):
+        for (lo, hi), l2 in itertools.product([(20, 50), (100, 200), (0, 1)], [False, True]):
+            np.testing.assert_array_equal(_back(lib, K.canny(_on_gpu(lib, img), lo, hi, l2gradient=l2)),
+                                          K.canny(img, lo, hi, l2gradient=l2), err_msg=f"canny {lo},{hi},{l2} {msg}")
+    for k in (1, 4, 7):
+        gpu, cpu = K.kmeans1d(d_depth, k), K.kmeans1d(depth, k)
+        np.testing.assert_array_equal(_back(lib, gpu.labels), cpu.labels, err_msg=f"kmeans k={k} {msg}")
+        np.testing.assert_allclose(_back(lib, gpu.centres), cpu.centres, rtol=1e-9, err_msg=f"kmeans k={k} {msg}")
+        np.testing.assert_allclose(_back(lib, gpu.inertia), cpu.inertia, rtol=1e-9, err_msg=f"kmeans k={k} {msg}")
+    np.testing.assert_array_equal(_back(lib, K.normalize_minmax(d_depth)), K.normalize_minmax(depth))
+    np.testing.assert_array_equal(_back(lib, K.normalize_minmax(d_x)), K.normalize_minmax(x))
+    np.testing.assert_allclose(_back(lib, K.mean(d_x, axis=(1, 2))), K.mean(x, axis=(1, 2)), rtol=1e-12)
     for mode in ("fast", "faithful"):
-        np.testing.assert_allclose(cp.asnumpy(K.congestion_score(d_depth, mode=mode)), K.congestion_score(depth),
-                                   rtol=1e-6)
+        np.testing.assert_allclose(_back(lib, K.congestion_score(d_depth, mode=mode)), K.congestion_score(depth),
+                                   rtol=1e-6, err_msg=f"congestion {mode} {msg}")
