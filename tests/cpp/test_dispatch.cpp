@@ -1,13 +1,20 @@
 // The dispatcher core without Python: the run loop with real child processes, timeouts, memory
 // admission through a memory hook, the supervisor surviving a SIGKILLed owner.
 #include <gtest/gtest.h>
+#include <poll.h>
 #include <signal.h>
+#include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <atomic>
+#include <cerrno>
 #include <chrono>
+#include <filesystem>
 #include <fstream>
 #include <map>
+#include <set>
+#include <sstream>
 #include <thread>
 
 #include "dispatch/process.h"
@@ -186,4 +193,231 @@ TEST(Dispatch, SupervisorCleansUpAfterSigkilledOwner) {
     if (!gone) std::this_thread::sleep_for(std::chrono::milliseconds(20));
   }
   EXPECT_TRUE(gone) << "a task process survived its SIGKILLed dispatcher";
+}
+
+namespace {
+
+// Every task has exactly one final outcome; every started attempt finishes exactly once, after its
+// Started event; and no process of the run is left (group members included) or left unreaped.
+void check_accounting(const Collected& c, int n, const RunTotals& t) {
+  std::map<std::int64_t, int> finals, open;
+  std::vector<pid_t> pids;
+  for (const auto& e : c.events) {
+    if (e.kind == EventKind::Message) continue;
+    ASSERT_GE(e.seq, 0);
+    ASSERT_LT(e.seq, n);
+    if (e.kind == EventKind::Started) {
+      EXPECT_EQ(open[e.seq]++, 0) << "task " << e.seq << " started twice without finishing";
+      if (e.pid > 0) pids.push_back(static_cast<pid_t>(e.pid));
+    } else if (e.kind == EventKind::Finished) {
+      if (e.pid != 0 || e.attempt > 0) EXPECT_EQ(open[e.seq]--, 1) << "task " << e.seq << " finished unstarted";
+      if (e.final) ++finals[e.seq];
+    } else {
+      ++finals[e.seq];  // skipped, not started
+    }
+  }
+  for (int i = 0; i < n; ++i) EXPECT_EQ(finals[i], 1) << "task " << i;
+  for (const auto& [seq, o] : open) EXPECT_EQ(o, 0) << "task " << seq << " never finished";
+  EXPECT_EQ(t.succeeded + t.failed + t.skipped + t.not_started, n);
+  // members of the tasks' groups still running (zombies do not count: orphans are reaped by init)
+  auto live_members = [&] {
+    std::vector<pid_t> out;
+    std::set<pid_t> groups(pids.begin(), pids.end());
+    for (const auto& entry : std::filesystem::directory_iterator("/proc")) {
+      std::ifstream st(entry.path() / "stat");
+      std::string line;
+      if (!std::getline(st, line)) continue;
+      auto rp = line.rfind(')');
+      if (rp == std::string::npos) continue;
+      std::istringstream rest(line.substr(rp + 2));
+      char state;
+      long ppid, pgrp;
+      if (rest >> state >> ppid >> pgrp && state != 'Z' && groups.count(static_cast<pid_t>(pgrp)))
+        out.push_back(static_cast<pid_t>(std::stol(entry.path().filename().string())));
+    }
+    return out;
+  };
+  std::vector<pid_t> left = live_members();
+  for (int i = 0; i < 50 && !left.empty(); ++i) {  // SIGKILL is delivered, the exit takes a moment
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    left = live_members();
+  }
+  EXPECT_TRUE(left.empty()) << left.size() << " processes of the run's groups outlived their tasks, e.g. " << left[0];
+  errno = 0;
+  EXPECT_EQ(::waitpid(-1, nullptr, WNOHANG), -1) << "an unreaped child is left";
+  EXPECT_EQ(errno, ECHILD);
+}
+
+std::vector<TaskSpec> burst(int n) {
+  std::vector<TaskSpec> tasks;
+  for (int i = 0; i < n; ++i) {
+    switch (i % 5) {
+      case 0: tasks.push_back(sh(i, "exit 0")); break;
+      case 1: tasks.push_back(sh(i, "exit 1")); break;
+      case 2:  // times out: a group with a background member and a leader that ignores SIGTERM
+        tasks.push_back(sh(i, "trap '' TERM; sleep 5 & sleep 5; wait"));
+        tasks.back().timeout_s = 0.05;
+        break;
+      case 3: tasks.push_back(sh(i, "true")); tasks.back().argv = {"true"}; break;  // found through PATH
+      default: tasks.push_back(sh(i, "")); tasks.back().argv = {"gpufleet-no-such-program"}; break;
+    }
+    tasks.back().retries = i % 7 == 1 ? 1 : 0;
+  }
+  return tasks;
+}
+
+DispatchOptions burst_options() {
+  DispatchOptions o;
+  o.devices = fake_pool(4);
+  o.slots_per_device = 2;
+  o.output = OutputMode::Null;
+  o.kill_grace_s = 0.05;
+  o.retry_backoff_s = 0.001;
+  o.quarantine_after = 0;
+  o.launch_threads = 4;
+  return o;
+}
+
+}  // namespace
+
+TEST(Dispatch, LauncherThreadsAccountForABurstOfShortTasks) {
+  const int n = 300;
+  Collected c;
+  RunTotals t = run_tasks(burst(n), burst_options(), c);
+  check_accounting(c, n, t);
+  EXPECT_EQ(t.not_started, 0);
+  EXPECT_EQ(t.succeeded, 2 * n / 5);
+  for (const auto& e : c.finished()) {
+    if (e.seq % 5 == 2) EXPECT_EQ(e.status, TaskStatus::TimedOut) << e.seq;
+    if (e.seq % 5 == 4) EXPECT_NE(e.message.find("No such file or directory"), std::string::npos) << e.message;
+  }
+  // Started events come in queue order: a task's first attempt never starts before an earlier task's
+  std::int64_t last = -1;
+  for (const auto& e : c.events)
+    if (e.kind == EventKind::Started && e.attempt == 1) {
+      EXPECT_GT(e.seq, last);
+      last = e.seq;
+    }
+}
+
+TEST(Dispatch, CancelDuringABurstOfLaunchesLeavesNothing) {
+  for (int round = 0; round < 3; ++round) {
+    const int n = 400;
+    DispatchHooks h;
+    std::vector<TaskSpec> tasks = burst(n);
+    if (round < 2)  // long tasks: only the cancel (also of one still being launched) ends them early
+      for (auto& t : tasks)
+        if (t.seq % 5 == 0) t.argv = {"/bin/sh", "-c", "sleep 30"};
+    std::size_t next = 0;
+    Collected c;
+    h.pull = [&](std::size_t max) {
+      std::vector<TaskSpec> out;
+      while (next < tasks.size() && out.size() < max) out.push_back(tasks[next++]);
+      return out;
+    };
+    h.on_events = [&](std::vector<TaskEvent>& evs) { c.events.insert(c.events.end(), evs.begin(), evs.end()); };
+    Dispatcher d(burst_options(), std::move(h));
+    // round 0: cancel at once; 1: drain then cancel mid-burst; 2: drain only
+    std::thread stopper([&] {
+      std::this_thread::sleep_for(std::chrono::milliseconds(round == 0 ? 1 : 60));
+      d.interrupt();
+      if (round < 2) {
+        std::this_thread::sleep_for(std::chrono::milliseconds(round == 0 ? 0 : 5));
+        d.interrupt();
+      }
+    });
+    auto t0 = std::chrono::steady_clock::now();
+    RunTotals t = d.run();
+    stopper.join();
+    EXPECT_LT(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count(), 10.0);
+    if (round < 2)
+      for (const auto& e : c.finished())
+        if (e.seq % 5 == 0 && e.kind == EventKind::Finished) EXPECT_EQ(e.status, TaskStatus::Cancelled) << e.seq;
+    ASSERT_LE(next, tasks.size());
+    check_accounting(c, static_cast<int>(next), t);  // a drain stops reading the input
+    EXPECT_EQ(t.cancelled, round < 2);
+    EXPECT_TRUE(t.cancelled || t.drained);
+    EXPECT_GT(t.not_started, 0);
+  }
+}
+
+TEST(Dispatch, ResolveProgramSearchesPathLikeExecvp) {
+  char tmpl[] = "/tmp/gf-resolve-XXXXXX";
+  ASSERT_NE(mkdtemp(tmpl), nullptr);
+  std::string root = tmpl;
+  auto mk = [](const std::string& p, bool exec) {
+    std::ofstream(p) << "#!/bin/sh\n";
+    ::chmod(p.c_str(), exec ? 0755 : 0644);
+  };
+  for (const char* d : {"/a", "/b", "/c", "/w", "/w/rel"}) ::mkdir((root + d).c_str(), 0755);
+  ::mkdir((root + "/a/prog").c_str(), 0755);  // a directory named like the program: skipped
+  mk(root + "/b/prog", false);                 // not executable: skipped, EACCES if nothing else
+  mk(root + "/c/prog", true);
+  mk(root + "/w/rel/relprog", true);
+  const char* old = ::getenv("PATH");
+  std::string saved = old ? old : "";
+  int err = -1;
+  ::setenv("PATH", (root + "/a:" + root + "/b:" + root + "/c").c_str(), 1);
+  EXPECT_EQ(resolve_program("prog", "", err), root + "/c/prog");
+  EXPECT_EQ(err, 0);
+  ::setenv("PATH", (root + "/a:" + root + "/b").c_str(), 1);
+  resolve_program("prog", "", err);
+  EXPECT_EQ(err, EACCES);
+  resolve_program("missing", "", err);
+  EXPECT_EQ(err, ENOENT);
+  EXPECT_EQ(resolve_program("./x/prog", "", err), "./x/prog");  // a name with '/' is not searched
+  EXPECT_EQ(err, 0);
+  ::setenv("PATH", "rel", 1);  // a relative entry is relative to the task's directory
+  EXPECT_EQ(resolve_program("relprog", root + "/w", err), "rel/relprog");
+  EXPECT_EQ(err, 0);
+  resolve_program("relprog", root, err);
+  EXPECT_EQ(err, ENOENT);
+  if (old) ::setenv("PATH", saved.c_str(), 1);
+  else ::unsetenv("PATH");
+  std::filesystem::remove_all(root);
+}
+
+TEST(Dispatch, LauncherReturnsEveryLaunchOnceAndReapsWhatIsNotTaken) {
+  std::atomic<int> tracked{0};
+  std::map<std::uint64_t, int> seen;
+  {
+    Launcher l(4, [&](pid_t) { ++tracked; });
+    for (std::uint64_t id = 0; id < 200; ++id) {
+      LaunchSpec ls;
+      ls.argv = {id % 10 == 9 ? "/no/such/program" : "/bin/true"};
+      ls.output = OutputMode::Null;
+      l.submit(id, std::move(ls));
+    }
+    std::size_t got = 0;
+    while (got < 200) {
+      pollfd p{l.fd(), POLLIN, 0};
+      ASSERT_GE(::poll(&p, 1, 5000), 1) << "the launcher's fd never became readable";
+      for (auto& d : l.take()) {
+        ++got;
+        ++seen[d.id];
+        if (d.id % 10 == 9) {
+          EXPECT_EQ(d.child.pid, -1);
+          EXPECT_NE(d.error.find("/no/such/program"), std::string::npos);
+        } else {
+          ASSERT_GT(d.child.pid, 0) << d.error;
+          EXPECT_EQ(reap(d.child.pid).exit_code.value_or(-1), 0);
+          close_child(d.child);
+        }
+      }
+    }
+    // results never taken: the destructor kills and reaps them
+    for (std::uint64_t id = 1000; id < 1010; ++id) {
+      LaunchSpec ls;
+      ls.argv = {"/bin/sleep", "30"};
+      ls.output = OutputMode::Null;
+      l.submit(id, std::move(ls));
+    }
+    l.wait_idle();
+  }
+  EXPECT_EQ(seen.size(), 200u);
+  for (const auto& [id, k] : seen) EXPECT_EQ(k, 1) << id;
+  EXPECT_EQ(tracked.load(), 180 + 10);
+  errno = 0;
+  EXPECT_EQ(::waitpid(-1, nullptr, WNOHANG), -1);
+  EXPECT_EQ(errno, ECHILD);
 }

@@ -356,3 +356,31 @@ def test_crash_then_resume_reruns_no_succeeded_task(tmp_path):
     assert sorted(f.name for f in out.iterdir()) == sorted(f"out{i}.txt" for i in range(7))  # no partial left
     assert all((out / f"out{i}.txt").read_text() == f"complete {i}" for i in range(7))
     assert f"'skipped': {len(done_before)}" in text
+
+
+def test_ctrl_c_during_a_burst_of_launches_accounts_for_every_task(tmp_path):
+    # hundreds of short tasks on 8 slots (the launcher threads are busy), every fifth one long: Ctrl-C
+    # twice in the middle of the burst must stop everything, leave no process and count each task once
+    pids = tmp_path / "pids"
+    cmd = f'echo "$I $$" >> {pids}; if [ $((I % 5)) = 0 ]; then sleep 30; fi'
+    for delay in (0.1, 0.3):  # two signals much closer can merge into one (a drain)
+        pids.unlink(missing_ok=True)
+        p = _start_dispatcher(tmp_path, "--n", "2000", "--gpus", "4", "--slots", "2", "--kill-grace", "0.5",
+                              "--cmd", cmd)
+        assert _wait_for(lambda: pids.exists() and len(pids.read_text().split()) >= 2 * 30)
+        t0 = time.monotonic()
+        p.send_signal(signal.SIGINT)
+        time.sleep(delay)
+        p.send_signal(signal.SIGINT)
+        out, _ = p.communicate(timeout=30)
+        assert time.monotonic() - t0 < 10, out
+        assert p.returncode == 1, out
+        counts = json.loads(out.split("COUNTS ", 1)[1].strip().replace("'", '"'))
+        total = int(out.split(" tasks in ")[0].rsplit(" ", 1)[1])
+        assert sum(counts.values()) == total, out
+        assert counts["cancelled"] >= 1 and counts["not_started"] >= 1, counts
+        rows = [line.split() for line in pids.read_text().splitlines()]
+        seqs = [int(i) for i, _ in rows]
+        assert len(seqs) == len(set(seqs))  # nothing started twice
+        assert len(seqs) <= total - counts["not_started"]  # what started was counted as started
+        assert _wait_for(lambda: _alive([int(x) for _, x in rows]) == [], timeout=5), _alive([int(x) for _, x in rows])
