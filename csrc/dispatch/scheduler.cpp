@@ -21,6 +21,7 @@
 #include <list>
 #include <memory>
 #include <stdexcept>
+#include <thread>
 
 #include <fmt/format.h>
 
@@ -712,7 +713,10 @@ struct Dispatcher::Impl {
     }
     totals.run_id = run_id;
     supervisor = std::make_unique<Supervisor>(marker, opt.kill_grace_s);
-    int threads = opt.launch_threads > 0 ? opt.launch_threads : std::min<int>(static_cast<int>(total_slots()), 4);
+    // Two threads already overlap the spawns on a 2-core machine; 4 to 16 (one per core) leave room.
+    const int cores = static_cast<int>(std::thread::hardware_concurrency());
+    int threads = opt.launch_threads > 0 ? opt.launch_threads
+                                         : std::min<int>(static_cast<int>(total_slots()), std::clamp(cores, 4, 16));
     Supervisor* sup = supervisor.get();
     launcher = std::make_unique<Launcher>(threads, [sup](pid_t pid) { sup->track(pid); });
     try {

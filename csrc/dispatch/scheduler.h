@@ -29,7 +29,7 @@ struct DispatchOptions {
   std::size_t lookahead = 0;         ///< tasks pulled ahead of the slots; 0: 4 × slots + 16
   double memory_poll_s = 0.5;        ///< how often free memory is re-read while a task waits for it
   double event_interval_s = 0.1;     ///< how often events are handed to on_events
-  int launch_threads = 0;            ///< threads that spawn children (Note [Launcher threads]); 0: min(slots, 4)
+  int launch_threads = 0;            ///< threads that spawn children (Note [Launcher threads]); 0: min(slots, cores in [4, 16])
   std::string description;           ///< recorded in the journal's runs table
 };
 

@@ -113,7 +113,9 @@ class Task:
         blob = json.dumps([argv, self.cwd, self.outputs, sorted(self.env.items()), self.gpus], ensure_ascii=False)
         return hashlib.sha1(blob.encode("utf-8", "surrogateescape")).hexdigest()
 
-    def _spec(self, seq: int, token: str, pool_size: int):
+    def _spec(self, seq: int, token: str, pool_size: int, keyed: bool = True):
+        # The key (a hash of the command) only serves the journal; without one it is left empty, which
+        # takes a third of this per-task cost off the run loop's thread.
         temps = [_temp_name(o, token) for o in self.outputs]
         argv = [_sub_outputs(a, temps) for a in self.cmd]
         affinity = -1
@@ -122,7 +124,7 @@ class Task:
                 affinity = int(hashlib.md5("\0".join(self.cmd).encode("utf-8", "surrogateescape")).hexdigest(), 16) % pool_size
         elif self.affinity is not None:
             affinity = self.affinity if self.affinity < pool_size else -1
-        return _core.TaskSpec(seq, self._key(), self.name, argv, list(self.env.items()), self.cwd or "",
+        return _core.TaskSpec(seq, self._key() if keyed else "", self.name, argv, list(self.env.items()), self.cwd or "",
                               list(zip(self.outputs, temps)), self.gpus, self.min_free_memory, self.timeout,
                               self.retries, affinity)
 
@@ -540,6 +542,7 @@ def run(tasks: Iterable[Union[Task, Sequence[str]]], devices: Any = "auto", slot
     report = RunReport(pool, slots_per_device, max_records)
     report.journal = None if journal is None else os.path.abspath(os.fspath(journal))
     it = iter(tasks)
+    keyed = journal is not None
     state = {"seq": 0, "done": 0, "failed": 0, "running": {}, "attempts": {}}
     bar = _Progress(pool, slots_per_device, total) if progress else None
 
@@ -560,7 +563,7 @@ def run(tasks: Iterable[Union[Task, Sequence[str]]], devices: Any = "auto", slot
                     t = Task(list(t))
                 else:
                     raise TypeError(f"tasks must yield gpufleet.Task objects or argv lists, got {t!r}")
-            out.append(t._spec(state["seq"], token, len(pool)))
+            out.append(t._spec(state["seq"], token, len(pool), keyed))
             state["seq"] += 1
         return out
 
