@@ -567,8 +567,10 @@ def run(tasks: Iterable[Union[Task, Sequence[str]]], devices: Any = "auto", slot
             state["seq"] += 1
         return out
 
+    pool_names = [f"cuda:{d.ordinal}" for d in pool]
+
     def dev_names(ev) -> list:
-        return [f"cuda:{pool[i].ordinal}" for i in ev.devices]
+        return [pool_names[i] for i in ev.devices]
 
     def record(ev, attempts: int) -> TaskRecord:
         started = ev.kind in ("finished",) and ev.pid != 0
