@@ -1,6 +1,7 @@
 """GPUExecutor against concurrent.futures.ProcessPoolExecutor and multiprocessing.Pool (same worker
 count, spawn start method, measured in one run): round-trip latency of submit() for a trivial
-function, and map() throughput over 10,000 small items. Startup is excluded (pools warmed up).
+function, map() throughput over 10,000 small items, and the round trip of a large NumPy array (sent
+to a worker and returned, 4, 32 and 128 MB). Startup is excluded (pools warmed up).
 
     PYTHONPATH=<build>/stage .venv/bin/python benchmarks/executor_bench.py [--quick]
 """
@@ -32,6 +33,25 @@ def bench(name, submit_one, map_all, n_rt, items):
     return name, statistics.median(rts) * 1e6, len(items) / dt
 
 
+def array_round_trips(w, ctx, sizes_mb, reps):
+    """Median seconds to send an array to a worker and get it back, per executor and size."""
+    import numpy as np
+
+    rows = []
+    for mb in sizes_mb:
+        a = np.random.default_rng(0).standard_normal(mb * 2**20 // 8)
+        with gpufleet.GPUExecutor() as g, ProcessPoolExecutor(w, mp_context=ctx) as p:
+            times = {"gpufleet": [], "ppe": []}
+            for _ in range(reps):  # interleaved, so load changes hit both sides
+                for name, ex in (("gpufleet", g), ("ppe", p)):
+                    t0 = time.perf_counter()
+                    back = ex.submit(ident, a).result()
+                    times[name].append(time.perf_counter() - t0)
+                    assert back.shape == a.shape and back[-1] == a[-1]
+        rows.append((mb, statistics.median(times["gpufleet"][1:]), statistics.median(times["ppe"][1:])))
+    return rows
+
+
 if __name__ == "__main__":
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
@@ -60,3 +80,9 @@ if __name__ == "__main__":
     for k, (name, rt, tp) in enumerate(rows):
         ours = rows[0 if k < 3 else 3]
         print(f"  {name:32s} {rt:10.0f} us {rt / ours[1]:11.2f}x {tp:12.0f} {ours[2] / tp:11.2f}x")
+    reps = 4 if a.quick else 9
+    print(f"float64 array to a worker and back (submit(ident, a).result(), median of {reps - 1}; "
+          "GPUExecutor: shared memory, Note [Out-of-band buffers])")
+    print(f"  {'size':>8s} {'GPUExecutor':>12s} {'ProcessPoolExecutor':>20s} {'ratio':>7s}")
+    for mb, ours, theirs in array_round_trips(w, ctx, (4, 32) if a.quick else (4, 32, 128), reps):
+        print(f"  {mb:5d} MB {ours * 1e3:9.1f} ms {theirs * 1e3:17.1f} ms {theirs / ours:6.2f}x")

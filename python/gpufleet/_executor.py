@@ -17,7 +17,7 @@ from concurrent.futures import Executor, Future
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
-from . import _devices
+from . import _devices, _ipc
 from ._spawn import Supervised, describe_exit, start_worker, stop_group
 
 __all__ = ["GPUExecutor", "WorkerInfo", "WorkerDiedError", "RemoteTraceback", "worker_info", "spawn", "SpawnContext",
@@ -128,7 +128,8 @@ class _Worker:
             self.ex._sup, {"CUDA_VISIBLE_DEVICES": self.visible, "GPUFLEET_DEVICE": self.device,
                            "GPUFLEET_SLOT": str(self.slot), "GPUFLEET_WORKER": str(self.index)})
         self.outbox.send(_preparation("gpufleet-worker"))
-        self.outbox.send(("executor", {"rank": self.index, "device": self.device, "slot": self.slot}))
+        self.outbox.send(("executor", {"rank": self.index, "device": self.device, "slot": self.slot,
+                                       "owner": os.getpid()}))
         self.tasks_done = 0
         if self.ex._initializer is not None:
             self.outbox.send(("init", -1, self.ex._initializer, tuple(self.ex._initargs), {}))
@@ -174,12 +175,13 @@ class _Worker:
             try:
                 if self.proc is None:
                     self.start()
-                self.outbox.send(("task", 0, fn, args, kwargs))
+                sent = _ipc.send(self.outbox, ("task", 0, fn, args, kwargs), os.getpid())  # Note [Out-of-band buffers]
                 reply = None
                 while reply is None:
                     try:
-                        msg = self.inbox.recv()
+                        msg = _ipc.recv(self.inbox)
                     except (EOFError, OSError):
+                        _ipc.discard(sent)  # the arguments' file, if it died before reading it
                         err = self.died()
                         self.stop(graceful=False)
                         fut.set_exception(err)
@@ -353,6 +355,7 @@ class GPUExecutor(Executor):
                 self._bar.close()
                 self._bar = None
             self._sup.close()
+            _ipc.cleanup(os.getpid())  # buffers sent to a worker that died before reading them
             _live_executors.discard(self)
 
     def _kill(self) -> None:

@@ -26,7 +26,7 @@ def main() -> None:
     import multiprocessing.spawn
 
     multiprocessing.spawn.prepare(prep)  # sys.path, cwd and the parent's __main__, as multiprocessing does
-    from . import _executor
+    from . import _executor, _ipc
 
     mode, info = inbox.recv()
     _executor._set_worker_info(info)
@@ -39,10 +39,12 @@ def main() -> None:
             sys.exit(1)
         outbox.send(("ok", None, None, None))
         return
-    # executor: [initializer], then tasks until None
+    # executor: [initializer], then tasks until None; arrays both ways in shared memory (Note
+    # [Out-of-band buffers] in _ipc.py)
+    owner = info.get("owner", os.getppid())
     while True:
         try:
-            msg = inbox.recv()
+            msg = _ipc.recv(inbox)
         except EOFError:
             return
         if msg is None:
@@ -59,7 +61,7 @@ def main() -> None:
         if kind == "init":
             continue  # only a failing initializer answers
         try:
-            outbox.send(("ok", task_id, result))
+            _ipc.send(outbox, ("ok", task_id, result), owner)
         except Exception as e:  # unpicklable result
             outbox.send(("error", task_id) + _exc_payload(e))
 
