@@ -310,19 +310,34 @@ TEST(Dispatch, CancelDuringABurstOfLaunchesLeavesNothing) {
         if (t.seq % 5 == 0) t.argv = {"/bin/sh", "-c", "sleep 30"};
     std::size_t next = 0;
     Collected c;
+    Dispatcher* self = nullptr;
     h.pull = [&](std::size_t max) {
+      // round 0: cancel from the first pull; the run loop still schedules (it sees the request at its
+      // next turn), so the first launches are in flight on the launcher threads when the cancel lands
+      if (round == 0 && next == 0) {
+        self->interrupt();
+        self->interrupt();
+      }
       std::vector<TaskSpec> out;
       while (next < tasks.size() && out.size() < max) out.push_back(tasks[next++]);
       return out;
     };
-    h.on_events = [&](std::vector<TaskEvent>& evs) { c.events.insert(c.events.end(), evs.begin(), evs.end()); };
-    Dispatcher d(burst_options(), std::move(h));
-    // round 0: cancel at once; 1: drain then cancel mid-burst; 2: drain only
+    std::atomic<int> started{0};
+    h.on_events = [&](std::vector<TaskEvent>& evs) {
+      for (const auto& e : evs) started += e.kind == EventKind::Started;
+      c.events.insert(c.events.end(), evs.begin(), evs.end());
+    };
+    DispatchOptions o = burst_options();
+    o.event_interval_s = 0.001;  // `started` follows the launches closely
+    Dispatcher d(o, std::move(h));
+    self = &d;
+    // round 1: drain then cancel in the middle of the burst; round 2: drain only
     std::thread stopper([&] {
-      std::this_thread::sleep_for(std::chrono::milliseconds(round == 0 ? 1 : 60));
+      if (round == 0) return;
+      for (int i = 0; i < 5000 && started.load() < 40; ++i) std::this_thread::sleep_for(std::chrono::milliseconds(1));
       d.interrupt();
-      if (round < 2) {
-        std::this_thread::sleep_for(std::chrono::milliseconds(round == 0 ? 0 : 5));
+      if (round == 1) {
+        std::this_thread::sleep_for(std::chrono::milliseconds(5));
         d.interrupt();
       }
     });
