@@ -1,6 +1,6 @@
-// canny on the CPU (Note [Canny rules] in canny.h): Sobel, magnitude and non-maximum suppression in
-// parallel row bands (three-row ring buffers, int16 lanes), then 8-connected hysteresis from the
-// strong pixels with an explicit stack.
+// canny on the CPU (Note [Canny rules] in canny.h): per row band, in parallel, Sobel, magnitude and
+// non-maximum suppression (three-row ring buffers, int16 lanes) and 8-connected hysteresis within
+// the band from its strong pixels (an explicit stack); then the growth across bands (canny_map_cpu).
 #include <algorithm>
 #include <cstdint>
 #include <cstdlib>
@@ -87,6 +87,8 @@ inline __attribute__((always_inline)) void sobel_row_impl(const std::uint8_t* up
   }
   for (; x < w; ++x) sobel_pixel(up, cur, dn, w, x, l2, dx, dy, mag);
 }
+
+#undef GF_WIDEN
 
 GF_SIMD_CLONES
 void sobel_row_l1(const std::uint8_t* up, const std::uint8_t* cur, const std::uint8_t* dn, std::int64_t w,
