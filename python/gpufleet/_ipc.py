@@ -130,9 +130,20 @@ def discard(path: Optional[str]) -> None:
             pass
 
 
+class LoadError(RuntimeError):
+    """A message arrived but its shared-memory file could not be read (the connection is fine)."""
+
+
 def recv(conn) -> Any:
+    """The next message; ``EOFError``/``OSError`` when the connection is gone, ``LoadError`` when a
+    message's file could not be mapped."""
     msg = conn.recv()
-    return msg.load() if type(msg) is OutOfBand else msg
+    if type(msg) is not OutOfBand:
+        return msg
+    try:
+        return msg.load()
+    except OSError as e:
+        raise LoadError(f"a message's shared-memory file {msg.path} could not be read: {e}") from e
 
 
 def cleanup(owner: int) -> None:

@@ -102,3 +102,18 @@ def test_executor_round_trips_big_arrays_and_leaves_no_file(sim_gpus, tmp_path, 
         (tmp_path / f"gpufleet-{os.getpid()}-1-0").write_bytes(b"stale")
         (tmp_path / "gpufleet-1-1-0").write_bytes(b"someone else's")
     assert os.listdir(tmp_path) == ["gpufleet-1-1-0"]
+
+
+def test_a_lost_file_is_a_load_error_not_a_broken_connection(tmp_path, monkeypatch):
+    monkeypatch.setenv("GPUFLEET_IPC_DIR", str(tmp_path))
+    r, w = mp.Pipe(duplex=False)
+    big = np.ones(_ipc.THRESHOLD, np.uint8)
+    t = threading.Thread(target=lambda: _ipc.send(w, big, os.getpid()))
+    t.start()
+    t.join()
+    for f in os.listdir(tmp_path):
+        os.unlink(tmp_path / f)  # removed before the receiver maps it
+    with pytest.raises(_ipc.LoadError, match="could not be read"):
+        _ipc.recv(r)
+    w.send("next")  # the connection still works
+    assert _ipc.recv(r) == "next"
