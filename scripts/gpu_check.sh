@@ -37,7 +37,15 @@ export JOBS=${JOBS:-$(nproc)}
 if [ -d .devdeps ]; then
   prefix=/tmp/gpufleet-devdeps
   mkdir -p "$prefix"
-  for f in .devdeps/*.deb; do dpkg -x "$f" "$prefix"; done
+  for f in .devdeps/*.deb; do
+    if command -v dpkg >/dev/null; then
+      dpkg -x "$f" "$prefix"
+    else  # a .deb is an ar archive holding data.tar.*
+      member=$(ar t "$f" | grep '^data\.tar')
+      case "$member" in *.zst) z=--zstd ;; *.gz) z=-z ;; *) z=-J ;; esac
+      ar p "$f" "$member" | tar -x "$z" -C "$prefix"
+    fi
+  done
   export CMAKE_PREFIX_PATH="${CMAKE_PREFIX_PATH:+$CMAKE_PREFIX_PATH:}$prefix/usr"
   # the SQLite runtime only where the machine has none (the system's own is preferred)
   if ! ldconfig -p | grep -q 'libsqlite3.so.0 '; then
