@@ -104,7 +104,8 @@ def send(conn, obj: Any, owner: int) -> Optional[str]:
     try:
         try:
             os.posix_fallocate(fd, 0, size)
-            with mmap.mmap(fd, size) as m:
+            # MAP_POPULATE: the pages mapped in one call, not faulted in one by one by the copy
+            with mmap.mmap(fd, size, flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)) as m:
                 for pb, (o, n) in zip(big, places):
                     m[o:o + n] = pb.raw().cast("B")
         finally:
