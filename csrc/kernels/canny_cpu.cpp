@@ -48,17 +48,21 @@ struct Lanes16<std::int32_t> {
 
 #define GF_WIDEN(p) __builtin_convertvector(*reinterpret_cast<const U8x16u*>(p), S16)
 
+// An int32 magnitude array holds the L2 magnitude, an int16 one the L1 magnitude.
+template <typename M>
+constexpr bool kL2 = sizeof(M) == 4;
+
 // dx, dy (OpenCV's int16 Sobel with replicated borders) and the magnitude of pixel x of a row, given
 // the row above, the row and the row below (each already clamped vertically).
 template <typename M>
 inline void sobel_pixel(const std::uint8_t* up, const std::uint8_t* cur, const std::uint8_t* dn, std::int64_t w,
-                        std::int64_t x, bool l2, std::int16_t* dx, std::int16_t* dy, M* mag) {
+                        std::int64_t x, std::int16_t* dx, std::int16_t* dy, M* mag) {
   const std::int64_t l = x > 0 ? x - 1 : 0, r = x + 1 < w ? x + 1 : w - 1;
   const int gx = (up[r] + 2 * cur[r] + dn[r]) - (up[l] + 2 * cur[l] + dn[l]);
   const int gy = (dn[l] - up[l]) + 2 * (dn[x] - up[x]) + (dn[r] - up[r]);
   dx[x] = static_cast<std::int16_t>(gx);
   dy[x] = static_cast<std::int16_t>(gy);
-  mag[x] = static_cast<M>(l2 ? gx * gx + gy * gy : std::abs(gx) + std::abs(gy));
+  mag[x] = static_cast<M>(kL2<M> ? gx * gx + gy * gy : std::abs(gx) + std::abs(gy));
 }
 
 // Row y's dx, dy and magnitude (mag[0..w), the caller pads around it), sixteen pixels at a time in
@@ -67,8 +71,7 @@ template <typename M>
 inline __attribute__((always_inline)) void sobel_row_impl(const std::uint8_t* up, const std::uint8_t* cur,
                                                           const std::uint8_t* dn, std::int64_t w, std::int16_t* dx,
                                                           std::int16_t* dy, M* mag) {
-  constexpr bool l2 = sizeof(M) == 4;
-  sobel_pixel(up, cur, dn, w, 0, l2, dx, dy, mag);
+  sobel_pixel(up, cur, dn, w, 0, dx, dy, mag);
   std::int64_t x = 1;
   for (; x + 17 <= w; x += 16) {
     const S16 u0 = GF_WIDEN(up + x - 1), u1 = GF_WIDEN(up + x), u2 = GF_WIDEN(up + x + 1);
@@ -78,14 +81,14 @@ inline __attribute__((always_inline)) void sobel_row_impl(const std::uint8_t* up
     const S16 gy = (d0 - u0) + (d2 - u2) + ((d1 - u1) << 1);
     *reinterpret_cast<S16u*>(dx + x) = gx;
     *reinterpret_cast<S16u*>(dy + x) = gy;
-    if constexpr (l2) {
+    if constexpr (kL2<M>) {
       const S32x16 wx = __builtin_convertvector(gx, S32x16), wy = __builtin_convertvector(gy, S32x16);
       *reinterpret_cast<S32x16u*>(mag + x) = wx * wx + wy * wy;
     } else {
       *reinterpret_cast<S16u*>(mag + x) = (gx < 0 ? -gx : gx) + (gy < 0 ? -gy : gy);
     }
   }
-  for (; x < w; ++x) sobel_pixel(up, cur, dn, w, x, l2, dx, dy, mag);
+  for (; x < w; ++x) sobel_pixel(up, cur, dn, w, x, dx, dy, mag);
 }
 
 #undef GF_WIDEN
@@ -212,7 +215,7 @@ void classify_band(const std::uint8_t* img, std::int64_t h, std::int64_t w, std:
       std::fill(m - 1, m + w + 1, M{0});
       return;
     }
-    if constexpr (sizeof(M) == 2)
+    if constexpr (!kL2<M>)
       sobel_row_l1(row(y - 1), row(y), row(y + 1), w, gx.data() + k * w, gy.data() + k * w, m);
     else
       sobel_row_l2(row(y - 1), row(y), row(y + 1), w, gx.data() + k * w, gy.data() + k * w, m);
@@ -225,7 +228,7 @@ void classify_band(const std::uint8_t* img, std::int64_t h, std::int64_t w, std:
     const M* mc = mag.data() + slot(y) * stride + 1;
     const M* mn = mag.data() + slot(y + 1) * stride + 1;
     const std::size_t k = slot(y);
-    if constexpr (sizeof(M) == 2)
+    if constexpr (!kL2<M>)
       nms_row_l1(mp, mc, mn, gx.data() + k * w, gy.data() + k * w, w, low, high, map + y * w, y, strong);
     else
       nms_row_l2(mp, mc, mn, gx.data() + k * w, gy.data() + k * w, w, low, high, map + y * w, y, strong);
