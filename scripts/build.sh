@@ -20,6 +20,12 @@ case "$flavour" in
                  "-DCMAKE_CXX_FLAGS_RELWITHDEBINFO=-O1 -g1") ;;
   *) echo "unknown flavour '$flavour': expected cuda, nocuda or asan" >&2; exit 2 ;;
 esac
+# A compiler cache (ccache, from Debian) when there is one: rebuilds after a clean clone or in another
+# checkout reuse the objects (CCACHE_BASEDIR makes the cache keys independent of the checkout's path).
+if command -v ccache >/dev/null; then
+  flags+=(-DCMAKE_CXX_COMPILER_LAUNCHER=ccache -DCMAKE_C_COMPILER_LAUNCHER=ccache -DCMAKE_CUDA_COMPILER_LAUNCHER=ccache)
+  export CCACHE_BASEDIR=${CCACHE_BASEDIR:-$PWD} CCACHE_NOHASHDIR=${CCACHE_NOHASHDIR:-1}
+fi
 if [ -n "${CUDA_ARCHITECTURES:-}" ]; then flags+=("-DCMAKE_CUDA_ARCHITECTURES=$CUDA_ARCHITECTURES"); fi
 if [ ! -f "$dir/build.ninja" ]; then
   "$VENV/bin/cmake" -Wno-unused-cli -S . -B "$dir" -G Ninja -DCMAKE_MAKE_PROGRAM="$PWD/$VENV/bin/ninja" \
