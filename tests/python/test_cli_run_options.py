@@ -197,3 +197,23 @@ def test_progress_total_and_eta_for_known_inputs(tmp_path):
     lines = [ln for ln in term.screen_lines() if "/12 " in ln]
     assert lines and "12/12" in lines[-1] and "ok 12" in lines[-1], term.text
     assert any(re.search(r"<\d\d:\d\d", ln) for ln in lines[:-1]), lines   # tqdm's ETA while running
+
+
+def test_halt_and_counts_from_python(sim_gpus, tmp_path):
+    sim_gpus(1)
+    tasks = [gpufleet.Task(["sh", "-c", "exit 0"], gpus=0), gpufleet.Task(["sh", "-c", "exit 5"], gpus=0),
+             gpufleet.Task(["sh", "-c", "exit 0"], gpus=0)]
+    rep = gpufleet.run(tasks, cpu_slots=1, quiet=True, halt="soon,fail=1")
+    assert rep.halt_exit_status == 5 and "reached at task #2 (failed)" in rep.halted
+    assert rep.counts["not_started"] == 1 and rep.failed == 1 and not rep.ok
+    assert [t.number for t in rep.tasks] == [1, 2, 3] and [t.seq for t in rep.tasks] == [0, 1, 2]
+    with pytest.raises(ValueError, match="percentage of the tasks, so it needs their number"):
+        gpufleet.run(iter(tasks), quiet=True, halt="now,fail=10%")
+    with pytest.raises(ValueError, match="'now,fial=1' is not understood"):
+        gpufleet.run(tasks, quiet=True, halt="now,fial=1")
+    # a cancel is not a failure: counted apart, listed apart, and no device is blamed for it
+    rep = gpufleet.run([gpufleet.Task(["sh", "-c", "exit 3"]), gpufleet.Task(["sleep", "30"])], quiet=True,
+                       halt="now,fail=1", kill_grace=1)
+    assert rep.counts["failed"] == 1 and rep.counts["cancelled"] + rep.counts["not_started"] == 1
+    assert rep.failed == 1 and [t.status for t in rep.failed_tasks] == ["failed"]
+    assert rep.devices["cuda:0"]["failures"] == 1
