@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import heapq
 import os
-import re
 import shlex
 import shutil
 import sys
@@ -79,11 +78,10 @@ class JobLog:
 
 class KeepOrder:
     """``--keep-order``: tasks write log files, and each task's output is printed with the same
-    ``[name] `` prefix as the live output, once it ended and every task before it was printed
-    (every attempt, in order). Without ``--log-dir`` the files live in a temporary folder that is
-    removed at the end (their content was printed)."""
-
-    _ATTEMPT = re.compile(r"\.attempt-\d+\.log$")
+    ``[name] `` prefix as the live output, once it ended and every task before it was printed. With
+    retries, the last attempt's output, as parallel prints it (every attempt's file stays in
+    ``--log-dir`` when one is given). Without ``--log-dir`` the files live in a temporary folder that
+    is removed at the end (their content was printed)."""
 
     def __init__(self, log_dir: Optional[str]):
         self.temporary = log_dir is None
@@ -102,18 +100,16 @@ class KeepOrder:
     def _print(self, rec) -> None:
         if not rec.log_path:
             return
+        try:
+            with open(rec.log_path, "rb") as f:
+                data = f.read()
+        except OSError:
+            return
         prefix = f"[{rec.name}] ".encode("utf-8", "surrogateescape")
-        for k in range(1, max(rec.attempts, 1) + 1):
-            path = self._ATTEMPT.sub(f".attempt-{k}.log", rec.log_path)
-            try:
-                with open(path, "rb") as f:
-                    data = f.read()
-            except OSError:
-                continue
-            lines = data.split(b"\n")
-            if lines[-1] == b"":
-                lines.pop()
-            self.out.write(b"".join(prefix + ln + b"\n" for ln in lines))
+        lines = data.split(b"\n")
+        if lines[-1] == b"":
+            lines.pop()
+        self.out.write(b"".join(prefix + ln + b"\n" for ln in lines))
         self.out.flush()
 
     def close(self, report=None) -> None:
