@@ -503,7 +503,7 @@ def run(tasks: Iterable[Union[Task, Sequence[str]]], devices: Any = "auto", slot
     ``journal``: an SQLite file recording every task; with ``resume=True`` tasks recorded as
     succeeded whose outputs still exist are skipped. ``skip_existing`` skips tasks whose declared
     outputs all exist (safe: outputs are atomic). Output of tasks goes to ``log_dir`` (one file per
-    attempt) or, without one, to this process's stdout with a ``[name]`` prefix (``output="inherit"``
+    attempt, ``<log_dir>/<run_id>/task-<n>.attempt-<k>.log`` with ``n`` the task's number) or, without one, to this process's stdout with a ``[name]`` prefix (``output="inherit"``
     or ``"null"`` also work). ``progress`` defaults to on when stderr is a terminal (or in a
     notebook) and not ``quiet``; ``total`` (the number of tasks, taken from ``len(tasks)`` when
     there is one) gives the bar its percentage and ETA. The first Ctrl-C drains (running tasks
