@@ -66,6 +66,10 @@ def test_jobs_sets_the_tasks_at_a_time(tmp_path):
     assert r.returncode == 2 and "not both" in r.stderr
     r = _cli("-j", "x", "--", "true", ":::", "a")
     assert r.returncode == 2 and "-j 'x'" in r.stderr
+    r = _cli("-j", "2", "--devices", "none", "--", "true", ":::", "a")
+    assert r.returncode == 2 and "no GPU is visible" in r.stderr and "--gpus 0 runs CPU tasks" in r.stderr
+    r = _cli("--dry-run", "--output", "o/{2}", "--", "cp", "{}", "{output}", ":::", "a")
+    assert r.returncode == 2 and "uses {2} but there is 1 input source" in r.stderr
 
 
 def _joblog_rows(path: Path) -> list[list[str]]:

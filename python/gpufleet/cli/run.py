@@ -96,13 +96,15 @@ def _jobs(value: str, gpus: int, pool: int) -> int:
         if jobs < 1:
             raise ValueError(f"-j {value!r} gives {jobs} tasks at a time on {cores} cores; it must be at least 1")
         return jobs
+    if pool == 0:
+        raise ValueError(f"-j {value!r}: no GPU is visible for tasks that need {gpus}; --gpus 0 runs CPU tasks")
     if sign or pct:
         raise ValueError(f"-j {value!r}: relative forms count CPU cores, so they only apply with --gpus 0; give a "
                          "number of tasks at a time, or --slots per GPU")
-    if n < 1 or pool == 0 or (n * gpus) % pool:
+    if n < 1 or (n * gpus) % pool:
         raise ValueError(f"-j {n} with --gpus {gpus} on {pool} GPU{'s' if pool != 1 else ''}: the tasks at a time "
-                         f"must fill every GPU evenly (a multiple of {pool // _gcd(pool, gpus) if pool else 1}); or "
-                         "give --slots, the tasks at a time per GPU")
+                         f"must fill every GPU evenly (a multiple of {pool // _gcd(pool, gpus)}); or give --slots, the "
+                         "tasks at a time per GPU")
     return n * gpus // pool
 
 
@@ -146,9 +148,10 @@ def main(args) -> int:
         return _fail("--resume needs --journal PATH")
     if args.output and not any("{output}" in w for w in template):
         return _fail("--output is given but the command never uses {output} (the temporary name it must write)")
-    if args.colsep is None and max_input_index(template) > len(inp.sources):
+    used = max_input_index(template + [w for w in (args.output, args.name) if w])
+    if args.colsep is None and used > len(inp.sources):
         n = len(inp.sources)
-        return _fail(f"the command uses {{{max_input_index(template)}}} but there {'is' if n == 1 else 'are'} {n} input "
+        return _fail(f"the command uses {{{used}}} but there {'is' if n == 1 else 'are'} {n} input "
                      f"source{'s' if n != 1 else ''} (::: lists, :::: files, -a files; --colsep for columns)")
     if args.jobs is not None and args.slots is not None:
         return _fail("give -j (tasks at a time in all) or --slots (per GPU), not both")
