@@ -1,16 +1,18 @@
 """`gpufleet run [options] -- CMD ARGS... ::: A B ::: C D :::: FILE`: GNU parallel's interface on the
 GPU dispatcher.
 
-Inputs (Note [Input sources as GNU parallel] in cli/inputs.py): ``:::`` values, ``::::`` files (one
-source each, ``-`` for stdin), ``-a FILE``, ``:::+``/``::::+`` to pair a source with the one before
-it instead of crossing; stdin, one input per line, when none is given; with no command at all, each
-input is a command line. ``--colsep REGEX`` splits inputs into columns, ``--null`` reads NUL-separated
-files.
+Inputs, as GNU parallel reads them: ::: values, :::: files (one source each, - for stdin), -a FILE;
+the sources are crossed, :::+ and ::::+ pair a source with the one before it instead; stdin, one
+input per line, when none is given; with no command at all, each input is a command line. --colsep
+REGEX splits inputs into columns, --null reads NUL-separated input.
 
-Placeholders (Note [Placeholders as GNU parallel] in _dispatch_template.py): {} {.} {/} {//} {/.}
-{#} {%} {n} {n.} {n/} {n//} {n/.} {-n}, and {output} (the temporary name of --output). A command
-with no placeholder gets the inputs appended. Each word of CMD stays one argument (no shell unless
---shell), so file names with spaces, quotes, ';', '$()' or newlines pass through untouched."""
+Placeholders, as GNU parallel's: {} {.} {/} {//} {/.} {#} {%} {n} {n.} {n/} {n//} {n/.} {-n}, and
+{output} (the temporary name of --output). A command with no placeholder gets the inputs appended.
+Each word of CMD stays one argument (no shell unless --shell), so file names with spaces, quotes,
+';', '$()' or newlines pass through untouched.
+"""
+# Note [Input sources as GNU parallel] (cli/inputs.py), Note [Placeholders as GNU parallel]
+# (_dispatch_template.py)
 from __future__ import annotations
 
 import argparse
