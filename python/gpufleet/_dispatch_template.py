@@ -112,10 +112,6 @@ def has_placeholder(template: Sequence[str]) -> bool:
     return any(_PLACEHOLDER.search(w) for w in template)
 
 
-def has_input_placeholder(template: Sequence[str]) -> bool:
-    return any(m.group(0) not in ("{#}", "{%}", "{output}") for w in template for m in _PLACEHOLDER.finditer(w))
-
-
 class _Missing(str):
     """A ``--colsep`` column the line lacks: empty, and a word made only of such vanishes (parallel
     substitutes it unquoted, so the shell drops the empty word)."""
@@ -168,15 +164,12 @@ def expand_words(word: str, inputs: Sequence[str], seq1: int, output: Optional[s
     return [str(p) for p, s in zip(pieces, solid) if s or p]
 
 
-def expand(word: str, inputs: Sequence[str], seq1: int, output: Optional[str], *, quote: bool = False) -> str:
-    """One template word expanded into one string (``--output``/``--name`` templates, and tests):
-    several values of ``{}`` are joined by a space, each shell-quoted when ``quote``."""
+def expand(word: str, inputs: Sequence[str], seq1: int, output: Optional[str]) -> str:
+    """One template word expanded into one string (``--output``/``--name`` templates): several
+    values of ``{}`` are joined by a space."""
 
     def sub(m: re.Match) -> str:
-        vals = _values(m, inputs, seq1, output, False)
-        if m.group(0) == "{output}":
-            return vals[0]  # never quoted here: callers substitute (and quote) it later
-        return " ".join(shlex.quote(v) for v in vals) if quote else " ".join(vals)
+        return " ".join(_values(m, inputs, seq1, output, False))
 
     return _PLACEHOLDER.sub(sub, word)
 

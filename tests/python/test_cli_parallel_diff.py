@@ -248,7 +248,8 @@ def test_documented_dry_run_shows_slot_1(dump):
     assert rc == 0 and [j[1:] for j in ours] == [["1"], ["1"], ["1"]]
     r = subprocess.run(["parallel", "--dry-run", "-j3", "-k", "echo", "{%}", ":::", "a", "b", "c"], capture_output=True,
                        text=True, check=True)
-    assert r.stdout.split("\n")[:3] != ["echo 1"] * 3   # parallel numbers the dry-run slots it pretends to use
+    # parallel numbers the slots its dry run pretends to use, as timing has it (1 2 1, or 1 1 1 ...)
+    assert set(r.stdout.split("\n")[:3]) <= {"echo 1", "echo 2", "echo 3"}
 
 
 def test_documented_colsep_is_a_python_regex(dump):
