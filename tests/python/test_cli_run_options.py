@@ -51,7 +51,7 @@ def test_stdin_gives_one_task_per_line():
 
 
 def test_jobs_sets_the_tasks_at_a_time(tmp_path):
-    script = f'echo "$(date +%s.%N) 1" >> {tmp_path}/ev; sleep 0.6; echo "$(date +%s.%N) -1" >> {tmp_path}/ev'
+    script = f'echo "$(date +%s.%N) 1" >> {tmp_path}/ev; sleep 1.2; echo "$(date +%s.%N) -1" >> {tmp_path}/ev'
     r = _cli("--quiet", "-j", "3", "--gpus", "0", "--", "sh", "-c", script, ":::", *"abcdef")
     assert r.returncode == 0, r.stderr
     events = sorted((float(t), int(d)) for t, d in (ln.split() for ln in (tmp_path / "ev").read_text().splitlines()))
