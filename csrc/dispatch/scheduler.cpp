@@ -71,6 +71,16 @@ void write_all(int fd, const std::string& s) {
   }
 }
 
+// GNU parallel's {%} (the job slot, 1-based) is known only when a task starts: the Python layer leaves this
+// mark in the argv words that use it (Note [Job slot placeholder] in python/gpufleet/_dispatch_template.py).
+const std::string kJobSlotMark("\0gfslot\0", 8);
+
+void replace_job_slot(std::vector<std::string>& argv, int job_slot) {
+  for (auto& a : argv)
+    for (std::size_t p; (p = a.find(kJobSlotMark)) != std::string::npos;)
+      a.replace(p, kJobSlotMark.size(), std::to_string(job_slot));
+}
+
 const std::vector<std::string> kReservedVars = {"CUDA_VISIBLE_DEVICES", "CUDA_DEVICE_ORDER", "GPUFLEET_TASK_ID",
                                                 "GPUFLEET_TASK_NAME",   "GPUFLEET_DEVICE",   "GPUFLEET_SLOT",
                                                 "GPUFLEET_ATTEMPT",     "GPUFLEET_RUN_ID"};
@@ -423,10 +433,13 @@ struct Dispatcher::Impl {
     const TaskSpec& t = r.spec;
     LaunchSpec ls;
     ls.argv = t.argv;
+    replace_job_slot(ls.argv, 1 + (ds.empty() ? slots[0] : ds[0] * opt.slots_per_device + slots[0]));
     ls.cwd = t.cwd;
     ls.output = opt.output;
     if (opt.output == OutputMode::File) {
-      ls.log_path = (std::filesystem::path(opt.log_dir) / fmt::format("task-{}.attempt-{}.log", t.seq, r.attempt)).string();
+      // <log_dir>/<run_id>/task-<n>.attempt-<k>.log, n the 1-based number users see ({#}, the summary)
+      ls.log_path = (std::filesystem::path(opt.log_dir) / run_id /
+                     fmt::format("task-{}.attempt-{}.log", t.seq + 1, r.attempt)).string();
       r.log_path = ls.log_path;
     }
     ls.env.reserve(base_env.size() + t.env.size() + 8);
@@ -703,7 +716,7 @@ struct Dispatcher::Impl {
     if (opt.lookahead == 0) opt.lookahead = 4 * total_slots() + 16;
     if (opt.output == OutputMode::File) {
       std::error_code ec;
-      std::filesystem::create_directories(opt.log_dir, ec);
+      std::filesystem::create_directories(std::filesystem::path(opt.log_dir) / run_id, ec);
       if (ec) throw std::runtime_error(fmt::format("cannot create the log directory '{}': {}", opt.log_dir, ec.message()));
     }
     base_env = current_environment(kReservedVars);

@@ -19,8 +19,11 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator, Optional, Sequence, Union
 
-from . import _core, _devices
-from ._dispatch_template import expand as _expand, has_input_placeholder as _has_input_placeholder
+from . import _core, _devices, _halt, _progress
+from ._dispatch_progress import _Progress
+from ._dispatch_template import JOB_SLOT_MARK as _JOB_SLOT_MARK
+from ._dispatch_template import check_template as _check_template
+from ._dispatch_template import expand as _expand, expand_command as _expand_command
 
 __all__ = ["Task", "TaskRecord", "RunReport", "run", "product"]
 
@@ -187,17 +190,23 @@ def _slot(arg: str, quote: bool) -> str:
 
 
 def _template_tasks(template: list, rows: Iterable[Sequence[str]], output: Optional[str], name: Optional[str],
-                    options: dict, shell: bool = False) -> Iterator[Task]:
-    append_inputs = not _has_input_placeholder(template)
+                    options: dict, shell: bool = False, missing_ok: bool = False) -> Iterator[Task]:
+    # Note [Placeholders as GNU parallel] in _dispatch_template.py
+    _check_template(list(template) + [w for w in (output, name) if w])
+    if output is not None and "{%}" in output:
+        raise ValueError(f"the output template {output!r} uses {{%}}, the job slot, which is only known when the task "
+                         "starts; use {#} (the task number) to name outputs")
     for i, row in enumerate(rows):
         seq1 = i + 1
         out = None if output is None else _expand(output, row, seq1, None)
-        words = list(template) + (["{}"] if append_inputs and row else [])
-        argv = [_expand(w, row, seq1, _MARK if out is not None else None, quote=shell) for w in words]
+        cmd = _expand_command(template, row, seq1, _MARK if out is not None else None, shell=shell,
+                              missing_ok=missing_ok)
+        argv = [cmd] if shell else cmd
         key_argv = [a.replace(_MARK, out) for a in argv] if out is not None else argv
         label = _expand(name, row, seq1, out) if name else (" ".join(row) if row else " ".join(key_argv))[:80]
+        label = label.replace(_JOB_SLOT_MARK, "{%}")
         if shell:
-            t = Task(_slot(" ".join(argv), True), shell=True, outputs=[out] if out else [], name=label, **options)
+            t = Task(_slot(cmd, True), shell=True, outputs=[out] if out else [], name=label, **options)
         else:
             t = Task([_slot(a, False) for a in argv], outputs=[out] if out else [], name=label, **options)
         t._key_argv = key_argv
@@ -231,7 +240,9 @@ def _sub_outputs(arg: str, paths: Sequence[str]) -> str:
 
 @dataclass
 class TaskRecord:
-    """What happened to one task (its last attempt), as ``RunReport.tasks`` lists it."""
+    """What happened to one task (its last attempt), as ``RunReport.tasks`` lists it. ``number`` is
+    the task's number as users see it (1-based, GNU parallel's ``{#}``: the summary, the joblog and
+    the log file ``task-<number>.attempt-<k>.log``); ``seq`` is its 0-based position in the input."""
 
     seq: int
     name: str
@@ -254,6 +265,10 @@ class TaskRecord:
     def ok(self) -> bool:
         return self.status in ("succeeded", "skipped")
 
+    @property
+    def number(self) -> int:
+        return self.seq + 1
+
 
 @dataclass
 class AttemptRecord:
@@ -265,6 +280,10 @@ class AttemptRecord:
     start: float
     end: float
     status: str
+
+    @property
+    def number(self) -> int:
+        return self.seq + 1
 
 
 class RunReport:
@@ -286,6 +305,8 @@ class RunReport:
         self.drained = False
         self.cancelled = False
         self.quarantined: list[str] = []
+        self.halted: Optional[str] = None          # why --halt / halt= stopped the run
+        self.halt_exit_status: Optional[int] = None  # GNU parallel's exit status for that halt
         self.messages: list[str] = []
         self.journal: Optional[str] = None
         self._busy = {}      # device name -> seconds
@@ -303,11 +324,13 @@ class RunReport:
 
     @property
     def failed(self) -> int:
-        return self.counts["failed"] + self.counts["timed_out"] + self.counts["cancelled"]
+        """Tasks that failed or timed out. Cancelled and not started tasks are counted apart
+        (``counts``): they did not fail, the run was stopped."""
+        return self.counts["failed"] + self.counts["timed_out"]
 
     @property
     def ok(self) -> bool:
-        return self.failed == 0 and self.counts["not_started"] == 0
+        return self.failed == 0 and self.counts["cancelled"] == 0 and self.counts["not_started"] == 0
 
     @property
     def wall_time(self) -> float:
@@ -315,7 +338,12 @@ class RunReport:
 
     @property
     def failed_tasks(self) -> list[TaskRecord]:
-        return [t for t in self.tasks if not t.ok and t.status != "not_started"]
+        return [t for t in self.tasks if t.status in ("failed", "timed_out")]
+
+    @property
+    def cancelled_tasks(self) -> list[TaskRecord]:
+        """Tasks stopped by a cancel (Ctrl-C twice, ``halt`` now) while they ran."""
+        return [t for t in self.tasks if t.status == "cancelled"]
 
     @property
     def devices(self) -> dict:
@@ -337,7 +365,7 @@ class RunReport:
         for name in devs or ["cpu"]:
             self._busy[name] = self._busy.get(name, 0.0) + dur
             self._dev_tasks[name] = self._dev_tasks.get(name, 0) + 1
-            if ev.status != "succeeded":
+            if ev.status in ("failed", "timed_out"):  # a cancel is not the device's failure
                 self._dev_fail[name] = self._dev_fail.get(name, 0) + 1
         if len(self.attempts) < self.max_records:
             self.attempts.append(AttemptRecord(ev.seq, ev.name, ev.attempt, devs, ev.slot, ev.start, ev.end, ev.status))
@@ -354,7 +382,9 @@ class RunReport:
         lines = [f"gpufleet run {self.run_id}: {self.total} task{'s' if self.total != 1 else ''} in "
                  f"{self.wall_time:.1f} s: {c['succeeded']} succeeded, {c['failed']} failed, {c['timed_out']} timed out, "
                  f"{c['cancelled']} cancelled, {c['skipped']} skipped, {c['not_started']} not started"]
-        if self.drained or self.cancelled:
+        if self.halted:
+            lines.append(f"halted: {self.halted}")
+        elif self.drained or self.cancelled:
             lines.append("interrupted: " + ("cancelled (kill sequence)" if self.cancelled else "drained (running tasks finished)"))
         for name, d in self.devices.items():
             busy = "" if d["busy"] is None else f"busy {100 * d['busy']:5.1f}%  "
@@ -364,9 +394,13 @@ class RunReport:
         for t in failed[:10]:
             where = f" on {','.join(t.devices)}" if t.devices else ""
             log = f" (log: {t.log_path})" if t.log_path else ""
-            lines.append(f"  FAILED #{t.seq + 1} {t.name!r}{where}: {t.message}{log}")
+            lines.append(f"  FAILED #{t.number} {t.name!r}{where}: {t.message}{log}")
         if len(failed) > 10:
             lines.append(f"  ... and {len(failed) - 10} more failed tasks (report.failed_tasks)")
+        cancelled = self.cancelled_tasks
+        if cancelled:
+            more = f" and {len(cancelled) - 20} more" if len(cancelled) > 20 else ""
+            lines.append("  cancelled while running: " + ", ".join(f"#{t.number}" for t in cancelled[:20]) + more)
         if self.records_truncated:
             lines.append(f"  (per-task records kept for the first {self.max_records} tasks; totals cover all)")
         if self.journal:
@@ -431,53 +465,6 @@ class RunReport:
         return path
 
 
-# ---- progress ----------------------------------------------------------------------------------
-
-class _Progress:
-    """A tqdm bar (terminal or Jupyter) with done/failed/running, rate and ETA, plus one line per GPU
-    with its running tasks and, when discovery knows them, its free memory and utilisation."""
-
-    def __init__(self, pool, slots: int, total: Optional[int]):
-        from tqdm.auto import tqdm
-
-        self.pool = pool
-        self.slots = slots
-        self.bar = tqdm(total=total, unit="task", dynamic_ncols=True, leave=True)
-        self.lines = [tqdm(total=0, bar_format="{desc}", position=i + 1, leave=False) for i in range(len(pool))]
-        self.last_info = 0.0
-        self.info = {}
-
-    def update(self, done: int, failed: int, running: dict) -> None:
-        self.bar.set_postfix_str(f"failed={failed} running={len(running)}", refresh=False)
-        self.bar.n = done
-        self.bar.refresh()
-        now = time.monotonic()
-        if self.lines and now - self.last_info > 1.0:
-            self.last_info = now
-            try:
-                self.info = {g.ordinal: g for g in _devices.devices()}
-            except Exception:  # progress must never break a run
-                self.info = {}
-        for line, d in zip(self.lines, self.pool):
-            mine = [r for r in running.values() if f"cuda:{d.ordinal}" in r[1]]
-            g = self.info.get(d.ordinal)
-            extra = ""
-            if g is not None and g.free_memory is not None:
-                extra += f"  free {_devices.format_memory_size(g.free_memory)}"
-            if g is not None and g.utilization is not None:
-                extra += f"  util {g.utilization}%"
-            names = ", ".join(r[0] for r in mine)[:60]
-            line.set_description_str(f"  cuda:{d.ordinal} [{len(mine)}/{self.slots}]{extra}  {names}", refresh=True)
-
-    def write(self, text: str) -> None:
-        self.bar.write(text, file=sys.stderr)
-
-    def close(self) -> None:
-        for line in self.lines:
-            line.close()
-        self.bar.close()
-
-
 # ---- run ---------------------------------------------------------------------------------------
 
 def _resolve_devices(devices) -> list[int]:
@@ -507,7 +494,8 @@ def run(tasks: Iterable[Union[Task, Sequence[str]]], devices: Any = "auto", slot
         on_start: Optional[Callable[[TaskRecord], Any]] = None,
         on_finish: Optional[Callable[[TaskRecord], Any]] = None,
         quarantine_after: int = 5, kill_grace: float = 5.0, retry_backoff: float = 0.5,
-        memory_poll: float = 0.5, max_records: int = 100_000, check: bool = False) -> RunReport:
+        memory_poll: float = 0.5, max_records: int = 100_000, check: bool = False,
+        halt: Optional[str] = None) -> RunReport:
     """Runs every task on the device pool and returns a ``RunReport``.
 
     ``tasks`` is any iterable of ``Task`` (or argv lists), consumed lazily in bounded chunks.
@@ -515,10 +503,14 @@ def run(tasks: Iterable[Union[Task, Sequence[str]]], devices: Any = "auto", slot
     ``journal``: an SQLite file recording every task; with ``resume=True`` tasks recorded as
     succeeded whose outputs still exist are skipped. ``skip_existing`` skips tasks whose declared
     outputs all exist (safe: outputs are atomic). Output of tasks goes to ``log_dir`` (one file per
-    attempt) or, without one, to this process's stdout with a ``[name]`` prefix (``output="inherit"``
-    or ``"null"`` also work). ``progress`` defaults to on when stderr is a terminal and not ``quiet``.
-    The first Ctrl-C drains (running tasks finish, nothing new starts), the second cancels them.
-    ``check=True`` raises ``RuntimeError`` with the summary when a task failed.
+    attempt, ``<log_dir>/<run_id>/task-<n>.attempt-<k>.log`` with ``n`` the task's number) or, without one, to this process's stdout with a ``[name]`` prefix (``output="inherit"``
+    or ``"null"`` also work). ``progress`` defaults to on when stderr is a terminal (or in a
+    notebook) and not ``quiet``; ``total`` (the number of tasks, taken from ``len(tasks)`` when
+    there is one) gives the bar its percentage and ETA. The first Ctrl-C drains (running tasks
+    finish, nothing new starts), the second cancels them. ``halt`` is GNU parallel's ``--halt``
+    (``"now,fail=1"``, ``"soon,fail=10%"``, ``"now,success=1"``, ``"soon,done=3"``): ``soon`` drains,
+    ``now`` cancels (``report.halted``, ``report.halt_exit_status``). ``check=True`` raises
+    ``RuntimeError`` with the summary when a task failed.
     """
     ordinals = _resolve_devices(devices)
     slots_per_device = _count(slots_per_device, "slots_per_device", 1)
@@ -534,8 +526,12 @@ def run(tasks: Iterable[Union[Task, Sequence[str]]], devices: Any = "auto", slot
         raise ValueError("output='files' needs log_dir")
     if total is None and hasattr(tasks, "__len__"):
         total = len(tasks)  # type: ignore[arg-type]
+    stopper = _halt.Halt.parse(halt)
+    if stopper is not None and stopper.pct is not None and total is None:
+        raise ValueError(f"halt={halt!r} is a percentage of the tasks, so it needs their number: pass total= (or a "
+                         "list of tasks)")
     if progress is None:
-        progress = not quiet and sys.stderr.isatty()
+        progress = not quiet and _progress.mode() != "plain"
 
     token = _core.random_token()[:12]
     pool = _core.make_pool(ordinals)
@@ -543,7 +539,7 @@ def run(tasks: Iterable[Union[Task, Sequence[str]]], devices: Any = "auto", slot
     report.journal = None if journal is None else os.path.abspath(os.fspath(journal))
     it = iter(tasks)
     keyed = journal is not None
-    state = {"seq": 0, "done": 0, "failed": 0, "running": {}, "attempts": {}}
+    state = {"seq": 0, "running": {}, "attempts": {}}
     bar = _Progress(pool, slots_per_device, total) if progress else None
 
     holder = {}
@@ -610,16 +606,19 @@ def run(tasks: Iterable[Union[Task, Sequence[str]]], devices: Any = "auto", slot
                 attempts = state["attempts"].pop(ev.seq, 0)
                 rec = record(ev, attempts)
                 report._final(rec)
-                state["done"] += 1
-                if not rec.ok and rec.status != "not_started":
-                    state["failed"] += 1
-                    if bar is None and not quiet:
-                        print(f"gpufleet: task #{rec.seq + 1} {rec.name!r} {rec.status}: {rec.message}", file=sys.stderr,
-                              flush=True)
+                if rec.status in ("failed", "timed_out") and bar is None and not quiet:
+                    print(f"gpufleet: task #{rec.number} {rec.name!r} {rec.status}: {rec.message}", file=sys.stderr,
+                          flush=True)
+                if stopper is not None and report.halted is None:
+                    when = stopper.update(rec, total)
+                    if when is not None:
+                        report.halted = stopper.describe(rec)
+                        report.halt_exit_status = stopper.exit_status
+                        (holder["d"].cancel if when == "now" else holder["d"].drain)()
                 if on_finish is not None:
                     on_finish(rec)
         if bar is not None:
-            bar.update(state["done"], state["failed"], state["running"])
+            bar.update(report.counts, state["running"])
 
     wake_r = wake_w = -1
     old_wakeup = None
@@ -637,7 +636,9 @@ def run(tasks: Iterable[Union[Task, Sequence[str]]], devices: Any = "auto", slot
         d = _core.Dispatcher(
             ordinals, slots_per_device, cpu_slots or 0, quarantine_after, float(kill_grace), float(retry_backoff),
             output, "" if log_dir is None else os.fspath(log_dir), "" if journal is None else os.fspath(journal),
-            bool(resume), bool(skip_existing), 0, float(memory_poll), 0.1 if (bar or on_start or on_finish) else 0.25,
+            bool(resume), bool(skip_existing), 0, float(memory_poll),
+            # a halt condition is checked before the next task starts: every event at once (_halt.py)
+            0.0 if stopper is not None else 0.1 if (bar or on_start or on_finish) else 0.25,
             " ".join(sys.argv)[:1000], pull, on_events, wake_r)
         holder["d"] = d
         totals = d.run()
@@ -652,6 +653,8 @@ def run(tasks: Iterable[Union[Task, Sequence[str]]], devices: Any = "auto", slot
         report.finished = time.time()
         if bar is not None:
             bar.close()
+    if stopper is not None and report.halt_exit_status is None:
+        report.halt_exit_status = stopper.final_exit_status()
     report.run_id = totals["run_id"]
     report.drained = totals["drained"]
     report.cancelled = totals["cancelled"]

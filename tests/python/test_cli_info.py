@@ -87,7 +87,8 @@ def test_info_through_nvml(fake_nvml):
     assert [g["ordinal"] for g in info["gpus"]] == [1, None, 0]
     a = info["gpus"][0]
     assert (a["free_memory"], a["used_memory"], a["utilization"]) == (10 << 30, 30 << 30, 37)
-    assert a["processes"] == [{"pid": 1234, "used_memory": 1 << 30}]
+    assert [{k: p[k] for k in ("pid", "used_memory")} for p in a["processes"]] == [{"pid": 1234, "used_memory": 1 << 30}]
+    assert set(a["processes"][0]) == {"pid", "used_memory", "user", "command"}   # user/command: test_cli_info_watch
     assert info["gpus"][1]["utilization"] is None and info["gpus"][1]["unknown_fields"] == ["utilization"]
     text = gpufleet_cli("info", env=env).stdout
     assert "source:  NVML" in text and "'GPU-3333,0' -> cuda:0=GPU 2, cuda:1=GPU 0" in text

@@ -1,5 +1,6 @@
 """`gpufleet launch` as a real subprocess: torchrun's environment per rank, restarts of the whole group,
-per-rank logs, the root cause printed first."""
+per-rank logs, the root cause printed first; --tee / --redirects / --local-ranks-filter with torchrun's
+meaning and its "[<role><local rank>]:" console prefix."""
 from __future__ import annotations
 
 import json
@@ -35,7 +36,13 @@ def test_launch_sets_torchrun_environment(tmp_path):
         assert rec["CUDA_VISIBLE_DEVICES"] == str(i) and rec["TORCHELASTIC_RESTART_COUNT"] == "0"
         assert rec["GROUP_RANK"] == "0" and rec["argv"] == ["--lr", "0.1 x"]
     assert len({rec["MASTER_PORT"] for rec in recs}) == 1
-    assert "rank 2 says hello" in (tmp_path / "logs" / "attempt0-rank2.log").read_text()
+    assert (tmp_path / "logs" / "attempt_0" / "2" / "stdout.log").read_text() == (
+        "rank 2 says hello\nrank 2 ends without a newline")
+    assert (tmp_path / "logs" / "attempt_0" / "2" / "stderr.log").read_text() == "rank 2 warns on stderr\n"
+    # by default every rank reaches the console too, each line with torchrun's prefix
+    for i in range(3):
+        assert f"[rank{i}]:rank {i} says hello\n" in r.stdout and f"[rank{i}]:rank {i} ends without a newline\n" in r.stdout
+        assert f"[rank{i}]:rank {i} warns on stderr\n" in r.stderr
 
 
 def test_launch_restarts_the_group_and_reports_the_root_cause(tmp_path):
@@ -77,3 +84,47 @@ def test_ctrl_c_stops_every_rank(tmp_path):
     assert p.returncode == 130 and "interrupted" in err
     time.sleep(0.1)
     assert not psutil.pid_exists(pid0) or psutil.Process(pid0).status() == psutil.STATUS_ZOMBIE
+
+
+def _console_ranks(text: str) -> set:
+    return {ln for ln in text.splitlines() if "rank" in ln and "gpufleet launch" not in ln}
+
+
+def test_redirects_sends_streams_to_files_only(tmp_path):
+    r = _launch(tmp_path, "--nproc-per-node", "2", "--redirects", "3")
+    assert r.returncode == 0, r.stderr
+    assert not _console_ranks(r.stdout) and not _console_ranks(r.stderr)
+    for i in range(2):
+        assert "rank %d says hello" % i in (tmp_path / "logs" / "attempt_0" / str(i) / "stdout.log").read_text()
+        assert "warns" in (tmp_path / "logs" / "attempt_0" / str(i) / "stderr.log").read_text()
+
+
+def test_tee_one_stream_leaves_the_other_on_the_console_unprefixed(tmp_path):
+    r = _launch(tmp_path, "--nproc-per-node", "2", "--tee", "1")
+    assert r.returncode == 0, r.stderr
+    assert "[rank0]:rank 0 says hello" in r.stdout.splitlines()
+    assert "rank 1 warns on stderr" in r.stderr.splitlines()          # inherited, as torchrun leaves it
+    assert not (tmp_path / "logs" / "attempt_0" / "0" / "stderr.log").exists()
+    assert (tmp_path / "logs" / "attempt_0" / "0" / "stdout.log").exists()
+
+
+def test_per_rank_maps_role_and_local_ranks_filter(tmp_path):
+    r = _launch(tmp_path, "--nproc-per-node", "3", "--redirects", "0:3", "--tee", "1:2,2:3", "--role", "default",
+                "--local-ranks-filter", "0,1")
+    assert r.returncode == 0, r.stderr
+    out, err = r.stdout.splitlines(), r.stderr.splitlines()
+    assert not any("rank 0" in ln for ln in out + err)                 # redirected: files only
+    assert "rank 1 says hello" in out and "[default1]:rank 1 warns on stderr" in err
+    assert not any("rank 2" in ln for ln in out + err)                 # filtered off the console
+    logs = tmp_path / "logs" / "attempt_0"
+    assert sorted(str(p.relative_to(logs)) for p in logs.rglob("*.log")) == [
+        "0/stderr.log", "0/stdout.log", "1/stderr.log", "2/stderr.log", "2/stdout.log"]
+
+
+@pytest.mark.parametrize("flag,value,message", [("--tee", "4", "--tee '4' is not understood"),
+                                                ("--redirects", "0:5", "--redirects '0:5' is not understood"),
+                                                ("--tee", "7:1", "names local rank 7, but there are 3"),
+                                                ("--local-ranks-filter", "a", "expected local ranks")])
+def test_bad_output_flags_name_the_value(tmp_path, flag, value, message):
+    r = _launch(tmp_path, flag, value)
+    assert r.returncode == 2 and message in r.stderr and not (tmp_path / "a0-r0.json").exists()

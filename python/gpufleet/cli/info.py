@@ -1,17 +1,61 @@
 """`gpufleet info`: version, build facts, driver, and a device table like nvidia-smi's with the CUDA
-ordinal and the physical index side by side, plus the effective CUDA_VISIBLE_DEVICES mapping."""
+ordinal and the physical index side by side, plus the effective CUDA_VISIBLE_DEVICES mapping, and the
+processes on each GPU (pid from NVML; user and command from /proc when the pid is in this machine's
+process namespace). `--watch [SECONDS]` refreshes it: in place on a terminal (like watch(1)), one
+plain block per refresh otherwise, one JSON object per line with --json."""
 from __future__ import annotations
 
 import json
+import os
+import pwd
 import sys
+import time
+from typing import Optional
 
 from .. import _devices
 
 
 def register(sub) -> None:
-    p = sub.add_parser("info", help="show the build, the driver and the GPUs (NVML, no CUDA context)")
-    p.add_argument("--json", action="store_true", help="print machine-readable JSON")
+    p = sub.add_parser("info", help="show the build, the driver and the GPUs (NVML, no CUDA context)",
+                       description=__doc__)
+    p.add_argument("--json", action="store_true", help="print machine-readable JSON (with --watch: one object a line)")
+    p.add_argument("--watch", nargs="?", type=float, const=2.0, default=None, metavar="SECONDS",
+                   help="refresh every SECONDS (default 2) until Ctrl-C")
+    p.add_argument("--count", type=int, default=None, metavar="N", help="with --watch: stop after N refreshes")
     p.set_defaults(func=run)
+
+
+def process_owner(pid: int) -> tuple[Optional[str], Optional[str]]:
+    """(user, command line) of a pid from /proc; None for what cannot be known (another PID namespace,
+    a process that ended, no permission)."""
+    if pid <= 0:
+        return None, None
+    try:
+        uid = os.stat(f"/proc/{pid}").st_uid
+    except OSError:
+        return None, None
+    try:
+        user = pwd.getpwuid(uid).pw_name
+    except KeyError:
+        user = str(uid)
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            raw = f.read()
+        command = " ".join(a.decode("utf-8", "replace") for a in raw.rstrip(b"\0").split(b"\0")) or None
+    except OSError:
+        command = None
+    if command is None:
+        try:
+            with open(f"/proc/{pid}/comm") as f:
+                command = f"[{f.read().strip()}]"
+        except OSError:
+            pass
+    return user, command
+
+
+def _process_dict(p) -> dict:
+    user, command = process_owner(p.pid)
+    return {"pid": p.pid, "used_memory": p.used_memory, "user": user, "command": command}
 
 
 def _version(v) -> str:
@@ -31,7 +75,7 @@ def _gpu_dict(g) -> dict:
         "free_memory": g.free_memory,
         "used_memory": g.used_memory,
         "utilization": g.utilization,
-        "processes": None if g.processes is None else [{"pid": p.pid, "used_memory": p.used_memory} for p in g.processes],
+        "processes": None if g.processes is None else [_process_dict(p) for p in g.processes],
         "unknown_fields": list(g.unknown_fields),
         "source": g.source,
     }
@@ -119,11 +163,61 @@ def render(info: dict) -> str:
     return "\n".join(lines)
 
 
+def render_processes(info: dict) -> list[str]:
+    rows = []
+    for g in info["gpus"]:
+        where = f"cuda:{g['ordinal']}" if g["ordinal"] is not None else f"GPU {g['nvml_index']}"
+        for p in g["processes"] or []:
+            rows.append((where, str(p["pid"]) if p["pid"] else "?", p["user"] or "?", _mem(p["used_memory"]),
+                         (p["command"] or "?")[:100]))
+    if not rows:
+        return []
+    header = ("GPU", "PID", "User", "Memory", "Command")
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    return ["", "Processes:"] + ["  " + "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip()
+                                 for r in [header, *rows]]
+
+
+def _render_all(info: dict) -> str:
+    return "\n".join([render(info), *render_processes(info)])
+
+
 def run(args) -> int:
-    info = info_dict()
-    if args.json:
-        json.dump(info, sys.stdout, indent=2)
-        sys.stdout.write("\n")
-    else:
-        print(render(info))
-    return 0
+    if args.watch is None:
+        info = info_dict()
+        if args.json:
+            json.dump(info, sys.stdout, indent=2)
+            sys.stdout.write("\n")
+        else:
+            print(_render_all(info))
+        return 0
+    if not args.watch > 0:
+        raise ValueError(f"--watch {args.watch}: expected a number of seconds > 0")
+    if args.count is not None and args.count < 1:
+        raise ValueError(f"--count {args.count}: expected at least 1 refresh")
+    return _watch(args.watch, args.count, args.json)
+
+
+def _watch(interval: float, count: Optional[int], as_json: bool) -> int:
+    """Refreshes until Ctrl-C (or ``count`` refreshes). On a terminal each refresh redraws the screen
+    from its top (home, clear to the end), as watch(1) does; elsewhere every refresh is a plain block
+    (a header line, the table, a blank line) and no escape code is written."""
+    tty = sys.stdout.isatty() and not as_json
+    n = 0
+    try:
+        while True:
+            info = info_dict()
+            stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+            if as_json:
+                info["time"] = time.time()
+                sys.stdout.write(json.dumps(info) + "\n")
+            else:
+                block = f"Every {interval:g}s: gpufleet info    {stamp}\n\n{_render_all(info)}\n"
+                sys.stdout.write(("\x1b[H\x1b[J" + block) if tty else block + "\n")
+            sys.stdout.flush()
+            n += 1
+            if count is not None and n >= count:
+                return 0
+            time.sleep(interval)
+    except KeyboardInterrupt:  # the way to leave a watch: the last table stays on the screen
+        return 0

@@ -15,6 +15,9 @@ attempt = os.environ["TORCHELASTIC_RESTART_COUNT"]
 with open(os.path.join(out, f"a{attempt}-r{os.environ['RANK']}.json"), "w") as f:
     json.dump(rec, f)
 print(f"rank {os.environ['RANK']} says hello", flush=True)
+print(f"rank {os.environ['RANK']} warns on stderr", file=sys.stderr, flush=True)
+sys.stdout.write(f"rank {os.environ['RANK']} ends without a newline")
+sys.stdout.flush()
 if os.environ["RANK"] == "1" and (os.environ.get("FAIL_ALWAYS") or (os.environ.get("FAIL_FIRST") and attempt == "0")):
     time.sleep(0.2)
     raise SystemExit("rank 1 lost its data loader")
