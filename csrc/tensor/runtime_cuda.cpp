@@ -1,6 +1,7 @@
 // CUDA slot: device checks, raw allocations, streams and events (Note [Source conventions]).
 #include <cuda_runtime_api.h>
 
+#include <atomic>
 #include <cstdlib>
 
 #include "common/cuda_check.h"
@@ -58,7 +59,18 @@ void* raw_device_alloc(int device, std::size_t nbytes) {
   return p;
 }
 
+namespace {
+std::atomic<int> injected_free_failures{0};
+}  // namespace
+
+void inject_device_free_failures(int count) { injected_free_failures.store(count); }
+
 void raw_device_free(int device, void* ptr) {
+  // Test hook (gpufleet._core._inject_cuda_free_failures): the next `count` frees fail as a cudaFree on
+  // a broken context would, without freeing (tests/python/test_cuda_lifetimes.py).
+  for (int left = injected_free_failures.load(); left > 0;)
+    if (injected_free_failures.compare_exchange_weak(left, left - 1))
+      GF_CUDA_TRY(cudaErrorLaunchFailure);
   DeviceScope scope(device);
   GF_CUDA_TRY(cudaFree(ptr));
 }
@@ -126,6 +138,10 @@ std::uintptr_t event_create(int device, bool enable_timing) {
 }
 
 void event_destroy(int device, std::uintptr_t event) {
+  if (device < 0) {  // cudaEventDestroy needs no particular current device
+    GF_CUDA_TRY(cudaEventDestroy(as_event(event)));
+    return;
+  }
   DeviceScope scope(device);
   GF_CUDA_TRY(cudaEventDestroy(as_event(event)));
 }
