@@ -22,8 +22,9 @@ int runtime_device_count();  ///< 0 when the runtime sees none (never throws)
 
 void* raw_device_alloc(int device, std::size_t nbytes);  ///< nullptr when out of memory
 void raw_device_free(int device, void* ptr);
-/// Test hook: the next `count` raw_device_free calls throw CudaError without freeing.
-void inject_device_free_failures(int count);
+/// Test hook: after `after` more successful calls, the next `count` raw_device_free calls throw
+/// CudaError without freeing.
+void inject_device_free_failures(int count, int after);
 void* raw_pinned_alloc(std::size_t nbytes);  ///< nullptr when out of memory
 void raw_pinned_free(void* ptr);
 

@@ -1,8 +1,8 @@
 // CUDA slot: device checks, raw allocations, streams and events (Note [Source conventions]).
 #include <cuda_runtime_api.h>
 
-#include <atomic>
 #include <cstdlib>
+#include <mutex>
 
 #include "common/cuda_check.h"
 #include "common/cuda_device_scope.h"
@@ -60,17 +60,35 @@ void* raw_device_alloc(int device, std::size_t nbytes) {
 }
 
 namespace {
-std::atomic<int> injected_free_failures{0};
+std::mutex injected_mutex;
+int injected_after = 0, injected_failures = 0;
+
+// Test hook (gpufleet._core._inject_cuda_free_failures): true when this free is to fail as a cudaFree
+// on a broken context would (tests/python/test_cuda_lifetimes.py).
+bool injected_free_failure() {
+  std::lock_guard<std::mutex> lock(injected_mutex);
+  if (injected_failures == 0) return false;
+  if (injected_after > 0) {
+    --injected_after;
+    return false;
+  }
+  --injected_failures;
+  return true;
+}
 }  // namespace
 
-void inject_device_free_failures(int count) { injected_free_failures.store(count); }
+void inject_device_free_failures(int count, int after) {
+  std::lock_guard<std::mutex> lock(injected_mutex);
+  injected_failures = count;
+  injected_after = after;
+}
 
 void raw_device_free(int device, void* ptr) {
-  // Test hook (gpufleet._core._inject_cuda_free_failures): the next `count` frees fail as a cudaFree on
-  // a broken context would, without freeing (tests/python/test_cuda_lifetimes.py).
-  for (int left = injected_free_failures.load(); left > 0;)
-    if (injected_free_failures.compare_exchange_weak(left, left - 1))
-      GF_CUDA_TRY(cudaErrorLaunchFailure);
+  if (injected_free_failure())
+    throw CudaError(fmt::format("CUDA error cudaErrorLaunchFailure in cudaFree({}) (injected by "
+                                "gpufleet._core._inject_cuda_free_failures; the block is not freed)",
+                                ptr),
+                    static_cast<int>(cudaErrorLaunchFailure));
   DeviceScope scope(device);
   GF_CUDA_TRY(cudaFree(ptr));
 }
