@@ -211,8 +211,10 @@ namespace {
 // Throws on a CUDA error; fresh events go to `fresh` (destroyed by the caller).
 void release_waits(ResultLifetime& lt, std::vector<cudaEvent_t>& fresh, std::vector<cudaEvent_t>& waits) {
   std::lock_guard<std::mutex> lock(lt.mutex);
-  const bool stream_exists = lt.stream_owner != nullptr || lt.stream == 0 || lt.stream == 1 ||
-                             (lt.stream == 2 && lt.thread == std::this_thread::get_id());
+  // The per-thread default stream (2) is the releasing thread's own: only the producing thread may
+  // name it, whoever holds the owner (CuPy's Stream.ptds object, say).
+  const bool stream_exists = lt.stream == 2 ? lt.thread == std::this_thread::get_id()
+                                            : lt.stream_owner != nullptr || lt.stream == 0 || lt.stream == 1;
   if (stream_exists) {
     fresh.push_back(record_now(as_stream(lt.stream)));
     waits.push_back(fresh.back());

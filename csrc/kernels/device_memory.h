@@ -18,11 +18,11 @@
 ///   per-thread default stream (2), which names another stream in every thread, and E is also correct
 ///   once S itself is gone;
 /// - the result's memory is released on a stream gpufleet owns (one per device, never destroyed),
-///   after waiting for: an event recorded on S at the release when S is known to exist then (the
-///   legacy default stream; the per-thread default stream released in the producing thread; a stream
-///   whose owner the result holds: the Python bindings keep the input library's stream object, so a
-///   CuPy stream is not destroyed before the results made on it), else E; and an event on each stream
-///   named with record_stream. So the memory is reused neither before the work queued on S up to the
+///   after waiting for: an event recorded on S at the release when S is known to exist then and to be
+///   the same stream (the legacy default stream; a stream whose owner the result holds: the Python
+///   bindings keep the input library's stream object, so a CuPy stream is not destroyed before the
+///   results made on it; the per-thread default stream only when released in the producing thread),
+///   else E; and an event on each stream named with record_stream. So the memory is reused neither before the work queued on S up to the
 ///   release (as for an array that library allocated on S) nor, when S is gone, before the kernels
 ///   that wrote it; S itself is never touched once it may be gone.
 /// - Work on a stream other than S that uses the result must be recorded with

@@ -476,6 +476,7 @@ TEST(TensorAllocator, AFailingRawFreeNeverLeavesAFreedPointerInTheCache) {
   // Item 10 of issue 17: cudaFree failing in the middle of releasing the cache (an out-of-memory retry)
   // used to leave already-freed pointers on the free lists, for the next cache hit to hand out.
   std::set<void*> freed;
+  void* lost = nullptr;  // the block whose free failed: not freed by the allocator, freed by the test
   int calls = 0;
   std::size_t live = 0, limit = 4 * 1024;
   CachingAllocator::RawOps ops{[&](std::size_t n) -> void* {
@@ -486,7 +487,10 @@ TEST(TensorAllocator, AFailingRawFreeNeverLeavesAFreedPointerInTheCache) {
                                  return p;
                                },
                                [&](void* p, std::size_t n) {
-                                 if (++calls == 2) throw CudaError("injected cudaFree failure", 719);
+                                 if (++calls == 2) {
+                                   lost = p;
+                                   throw CudaError("injected cudaFree failure", 719);
+                                 }
                                  freed.insert(p);
                                  live -= n;
                                  std::free(p);
@@ -508,6 +512,8 @@ TEST(TensorAllocator, AFailingRawFreeNeverLeavesAFreedPointerInTheCache) {
   }
   calls = 100;  // no more failures
   a.empty_cache();
+  EXPECT_NE(lost, nullptr);
+  std::free(lost);
 }
 
 // ---- pending host work ----------------------------------------------------------------------------
