@@ -4,9 +4,14 @@
 #
 #   scripts/gpu_check.sh [build] [test] [sanitize] [bench]      (default: all four, in this order)
 #
+# The device tool runs a command for at most 10 minutes: on a fresh machine give each step its own call
+# (build/gpu stays on the warm machine between calls). The step timeouts below keep each under that.
+#
 #   build     build/gpu: CUDA for the local GPU's architecture, Release, the C++ tests
-#   test      CTest, then the pytest files that hold GPU tests (PyTorch and CuPy interop included)
-#   sanitize  compute-sanitizer memcheck over the CUDA kernels' and tensors' tests, racecheck over one
+#   test      CTest, then the pytest files that hold GPU tests (PyTorch and CuPy interop included;
+#             test_cuda_contract.py and test_cuda_lifetimes.py: issue 17's checks)
+#   sanitize  compute-sanitizer memcheck over the CUDA kernels', tensors' and lifetimes' tests, racecheck and
+#             synccheck over the shared-memory kernels
 #   bench     gpufleet info, benchmarks/transfer_bench.py --quick, benchmarks/kernels_gpu.py
 #
 # Logs go to $OUT (the device tool's output folder) or /tmp/gpu_check: summary.txt (each step's exit
@@ -76,6 +81,7 @@ do_build() {
 }
 do_ctest() { (cd build/gpu && "$(dirname "$CMAKE")/ctest" -j 8 --output-on-failure); }
 export GPU_TESTS="tests/python/test_tensor.py tests/python/test_dlpack.py tests/python/test_kernels.py
+  tests/python/test_cuda_contract.py tests/python/test_cuda_lifetimes.py
   tests/python/test_devices.py tests/python/test_cli_info.py tests/python/test_executor.py tests/python/test_launch.py"
 # shellcheck disable=SC2086  # GPU_TESTS: paths without spaces, split on purpose
 do_pytest() { "$PY" -m pytest -q -rs -p no:cacheprovider $GPU_TESTS; }
@@ -88,9 +94,22 @@ do_sanitize() {
   echo "== memcheck: CUDA tensors"
   $cs --tool memcheck --error-exitcode 99 "$PY" -m pytest -q -x -p no:cacheprovider -o timeout=0 \
     tests/python/test_tensor.py tests/python/test_dlpack.py -k "cuda or gpu or pinned" || rc=$?
+  # Lifetimes: memcheck also reports CUDA API errors, such as a release on a destroyed stream (the
+  # injected cudaFree failure throws before any CUDA call, so it is no API error).
+  echo "== memcheck: lifetimes and exports of CUDA memory (issue 17)"
+  $cs --tool memcheck --error-exitcode 99 "$PY" -m pytest -q -x -p no:cacheprovider -o timeout=0 \
+    tests/python/test_cuda_lifetimes.py -k "not caching_fallback" || rc=$?
+  echo "== memcheck: the contract tests on small inputs (the large-batch ones are too slow under memcheck)"
+  $cs --tool memcheck --error-exitcode 99 "$PY" -m pytest -q -x -p no:cacheprovider -o timeout=0 \
+    tests/python/test_cuda_contract.py -k "nan or infinite or near_ties or random_histograms" || rc=$?
   echo "== racecheck: the shared-memory kernels on 97x211 images"
   $cs --tool racecheck --error-exitcode 99 "$PY" -m pytest -q -x -p no:cacheprovider -o timeout=0 \
     tests/python/test_kernels.py -k "cuda_matches_cpu and cupy and shape4" || rc=$?
+  for tool in racecheck synccheck; do
+    echo "== $tool: k-means' level-by-level divide and conquer (shared ranges, barriers)"
+    $cs --tool $tool --error-exitcode 99 "$PY" -m pytest -q -x -p no:cacheprovider -o timeout=0 \
+      tests/python/test_cuda_contract.py -k "random_histograms" || rc=$?
+  done
   return $rc
 }
 do_bench() {
@@ -112,9 +131,9 @@ status=0
 for s in "${steps[@]}"; do
   case "$s" in
     build)    run_step build build.log 420 do_build || { status=1; break; } ;;
-    test)     run_step ctest ctest.log 180 do_ctest || status=1
-              run_step pytest pytest.log 420 do_pytest || status=1 ;;
-    sanitize) run_step sanitize sanitize.log 420 do_sanitize || status=1 ;;
+    test)     run_step ctest ctest.log 90 do_ctest || status=1
+              run_step pytest pytest.log 480 do_pytest || status=1 ;;
+    sanitize) run_step sanitize sanitize.log 570 do_sanitize || status=1 ;;
     bench)    run_step bench bench.log 300 do_bench || status=1 ;;
     *) echo "unknown step '$s': expected build, test, sanitize or bench" >&2; exit 2 ;;
   esac

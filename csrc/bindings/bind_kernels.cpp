@@ -1,6 +1,8 @@
 // Bindings for csrc/kernels: converts NumPy arrays (CPU) and DLPack capsules (CUDA) to ArrayRef,
 // allocates the outputs (NumPy arrays, or device memory handed back as a DLPack-exporting buffer),
-// releases the GIL around the kernels. Python-side glue (array types, axes) is in gpufleet/kernels.py.
+// releases the GIL around the kernels, and keeps CUDA inputs and results alive as Note [Kernel result
+// lifetimes] (kernels/device_memory.h) says. Python-side glue (array types, axes) is in
+// gpufleet/kernels.py.
 #include <pybind11/numpy.h>
 #include <fmt/ranges.h>
 #include <pybind11/stl.h>
@@ -9,16 +11,19 @@
 #include <string>
 #include <vector>
 
-#include "bindings/bindings.h"
+#include "bindings/tensor_bindings.h"
 #include "common/dlpack.h"
 #include "common/error.h"
 #include "kernels/array.h"
+#include "kernels/device_memory.h"
 #include "kernels/canny.h"
 #include "kernels/congestion.h"
 #include "kernels/gaussian_blur.h"
 #include "kernels/kmeans1d.h"
 #include "kernels/parallel.h"
 #include "kernels/reduce.h"
+#include "tensor/dlpack_exchange.h"
+#include "tensor/stream.h"
 
 namespace gpufleet::bindings {
 
@@ -63,90 +68,49 @@ DType dtype_from_dlpack(DLDataType t, const char* op) {
                                           op, t.code, t.bits, t.lanes));
 }
 
-DLDataType dlpack_dtype(DType t) {
+gpufleet::DType tensor_dtype(DType t) {
   switch (t) {
-    case DType::U8: return {kDLUInt, 8, 1};
-    case DType::I32: return {kDLInt, 32, 1};
-    case DType::I64: return {kDLInt, 64, 1};
-    case DType::F32: return {kDLFloat, 32, 1};
-    case DType::F64: return {kDLFloat, 64, 1};
+    case DType::U8: return gpufleet::DType::UInt8;
+    case DType::I32: return gpufleet::DType::Int32;
+    case DType::I64: return gpufleet::DType::Int64;
+    case DType::F32: return gpufleet::DType::Float32;
+    case DType::F64: return gpufleet::DType::Float64;
   }
-  return {kDLUInt, 8, 1};
+  return gpufleet::DType::UInt8;
 }
 
 // A device array owned by the kernels, exported through DLPack (the result type for CUDA inputs
-// whose own library cannot import it). Each export shares ownership of the memory.
+// whose own library cannot import it, and what the input's library imports otherwise).
 struct DLPackBuffer {
   Buffer buffer;
-
-  struct Ctx {
-    std::shared_ptr<void> storage;
-    std::vector<std::int64_t> shape, strides;
-  };
 
   std::pair<int, int> device() const {
     return {buffer.ref.device.is_cuda() ? kDLCUDA : kDLCPU, buffer.ref.device.is_cuda() ? buffer.ref.device.index : 0};
   }
 
-  py::capsule dlpack(py::object stream, py::object max_version) const {
-    // Make our work visible on the consumer's stream (REFERENCE: None means the legacy default stream).
-    if (buffer.ref.device.is_cuda()) {
-      std::intptr_t consumer = stream.is_none() ? 1 : stream.cast<std::intptr_t>();
-      GF_CHECK_ARG(consumer != 0, "__dlpack__(stream=0): 0 is not a valid CUDA stream in DLPack; use 1 for the "
-                                  "legacy default stream, 2 for the per-thread default stream, -1 for no synchronisation");
-      kernels::stream_wait(buffer.ref.device, buffer.ref.stream, consumer);
-    }
-    auto* ctx = new Ctx{buffer.storage, buffer.ref.shape, {}};
-    ctx->strides.resize(ctx->shape.size());
-    std::int64_t s = 1;
-    for (int i = static_cast<int>(ctx->shape.size()) - 1; i >= 0; --i) {
-      ctx->strides[i] = s;
-      s *= ctx->shape[i];
-    }
-    DLTensor t{};
-    t.data = buffer.ref.data;
-    auto [dt, di] = device();
-    t.device = {static_cast<DLDeviceType>(dt), di};
-    t.ndim = static_cast<std::int32_t>(ctx->shape.size());
-    t.dtype = dlpack_dtype(buffer.ref.dtype);
-    t.shape = ctx->shape.data();
-    t.strides = ctx->strides.data();
-    t.byte_offset = 0;
-    bool versioned = false;
-    if (!max_version.is_none()) {
-      auto mv = max_version.cast<std::pair<int, int>>();
-      versioned = mv.first >= 1;
-    }
-    if (versioned) {
-      auto* m = new DLManagedTensorVersioned{};
-      m->version = {DLPACK_MAJOR_VERSION, DLPACK_MINOR_VERSION};
-      m->manager_ctx = ctx;
-      m->deleter = [](DLManagedTensorVersioned* self) {
-        delete static_cast<Ctx*>(self->manager_ctx);
-        delete self;
-      };
-      m->flags = 0;
-      m->dl_tensor = t;
-      return py::capsule(m, "dltensor_versioned", [](PyObject* cap) {
-        if (PyCapsule_IsValid(cap, "dltensor_versioned")) {
-          auto* p = static_cast<DLManagedTensorVersioned*>(PyCapsule_GetPointer(cap, "dltensor_versioned"));
-          if (p && p->deleter) p->deleter(p);
-        }
-      });
-    }
-    auto* m = new DLManagedTensor{};
-    m->dl_tensor = t;
-    m->manager_ctx = ctx;
-    m->deleter = [](DLManagedTensor* self) {
-      delete static_cast<Ctx*>(self->manager_ctx);
-      delete self;
+  // The result as a gpufleet Tensor sharing its memory (and its lifetime: the view holds the storage).
+  Tensor as_tensor() const {
+    const Buffer b = buffer;
+    const std::size_t bytes = static_cast<std::size_t>(b.ref.numel()) * kernels::dtype_size(b.ref.dtype);
+    auto storage = wrap_storage(b.ref.data, bytes, b.ref.device, MemoryKind::Device, [keep = b.storage](void*) {});
+    storage->set_stream_recorder([b](std::uintptr_t s) { kernels::record_stream(b, s); });
+    const Shape shape(b.ref.shape.begin(), b.ref.shape.end());
+    return Tensor(std::move(storage), 0, shape, contiguous_strides(shape), tensor_dtype(b.ref.dtype));
+  }
+
+  // Note [DLPack export]: a consumer's stream waits for the production event; a copy runs on the
+  // current gpufleet stream once that stream has waited for it too.
+  py::object dlpack(py::object stream, py::object max_version, py::object dl_device, py::object copy) const {
+    const Buffer b = buffer;
+    ExportSource src{as_tensor(), nullptr, nullptr};
+    src.sync_for_consumer = [b](std::optional<std::int64_t> s) {
+      kernels::consumer_wait(b, dlpack_consumer_stream(s));
     };
-    return py::capsule(m, "dltensor", [](PyObject* cap) {
-      if (PyCapsule_IsValid(cap, "dltensor")) {
-        auto* p = static_cast<DLManagedTensor*>(PyCapsule_GetPointer(cap, "dltensor"));
-        if (p && p->deleter) p->deleter(p);
-      }
-    });
+    src.before_copy = [b] {
+      const Stream cur = current_stream(b.ref.device.index);
+      kernels::consumer_wait(b, static_cast<std::intptr_t>(cur.handle()));
+    };
+    return export_dlpack(src, std::move(stream), std::move(max_version), std::move(dl_device), std::move(copy));
   }
 };
 
@@ -204,23 +168,130 @@ Input to_input(const py::object& x, std::uintptr_t stream, const char* op) {
 struct Output {
   ArrayRef ref;
   py::object obj;
+  Buffer buffer;  // CUDA
 };
 
-Output make_output(const ArrayRef& like, DType dtype, std::vector<std::int64_t> shape) {
-  Output o;
-  if (like.device.is_cuda()) {
-    Buffer b = kernels::allocate(like.device, dtype, shape, like.stream);
-    o.ref = b.ref;
-    o.obj = py::cast(DLPackBuffer{b});
+// Note [Kernel result lifetimes]: inputs read through DLPack, held until the kernels that read them
+// have run. Touched with the GIL held only.
+struct Held {
+  std::shared_ptr<kernels::Production> done;
+  py::object obj;
+};
+std::vector<Held>& held_inputs() {
+  static auto* v = new std::vector<Held>();  // leaked: outlives finalization
+  return *v;
+}
+
+// Releases the held inputs whose kernels have finished (all of them, waiting, with `wait`).
+void release_held_inputs(bool wait) {
+  // Taken out first: another thread may add to the list while the GIL is released below.
+  std::vector<Held> pending = std::move(held_inputs());
+  held_inputs().clear();
+  std::vector<Held> keep;
+  for (auto& h : pending) {
+    try {
+      if (wait) {
+        py::gil_scoped_release nogil;
+        kernels::wait_production(h.done);
+      } else if (!kernels::production_done(h.done)) {
+        keep.push_back(std::move(h));
+      }
+    } catch (...) {
+      // The device cannot say the reads finished: keep the input alive for good rather than risk it.
+      keep.push_back(std::move(h));
+    }
+  }
+  auto& held = held_inputs();
+  held.insert(held.end(), std::make_move_iterator(keep.begin()), std::make_move_iterator(keep.end()));
+}
+
+// One kernel call: its input, its outputs, and what happens once its work is queued.
+class Call {
+ public:
+  Call(const py::object& x, std::uintptr_t stream, py::object stream_owner, const char* op)
+      : in_(to_input(x, stream, op)), owner_(std::move(stream_owner)) {
+    release_held_inputs(false);
+  }
+  const ArrayRef& in() const { return in_.ref; }
+
+  Output output(DType dtype, std::vector<std::int64_t> shape) {
+    Output o;
+    if (in_.ref.device.is_cuda()) {
+      o.buffer = kernels::allocate(in_.ref.device, dtype, shape, in_.ref.stream, hold_py_object(owner_));
+      o.ref = o.buffer.ref;
+      o.obj = py::cast(DLPackBuffer{o.buffer});
+      buffers_.push_back(o.buffer);
+      return o;
+    }
+    py::array a(numpy_dtype(dtype), std::vector<py::ssize_t>(shape.begin(), shape.end()));
+    o.ref.data = a.mutable_data();
+    o.ref.dtype = dtype;
+    o.ref.shape = std::move(shape);
+    o.ref.device = Device::cpu();
+    o.obj = a;
     return o;
   }
-  py::array a(numpy_dtype(dtype), std::vector<py::ssize_t>(shape.begin(), shape.end()));
-  o.ref.data = a.mutable_data();
-  o.ref.dtype = dtype;
-  o.ref.shape = std::move(shape);
-  o.ref.device = Device::cpu();
-  o.obj = a;
-  return o;
+
+  // Runs the kernels without the GIL; then (also when they throw: part of the work may be queued)
+  // records the production event, gives it to the outputs and holds the input until it.
+  template <class F>
+  void run(F&& kernels_call) {
+    std::exception_ptr error;
+    {
+      py::gil_scoped_release nogil;
+      try {
+        kernels_call();
+      } catch (...) {
+        error = std::current_exception();
+      }
+    }
+    if (in_.ref.device.is_cuda()) {
+      auto done = kernels::record_production(in_.ref.device, in_.ref.stream);
+      for (const auto& b : buffers_) kernels::set_produced(b, done);
+      held_inputs().push_back({std::move(done), in_.keep_alive});
+    }
+    if (error) std::rethrow_exception(error);
+  }
+
+ private:
+  Input in_;
+  py::object owner_;
+  std::vector<Buffer> buffers_;
+};
+
+std::uintptr_t record_stream_handle(py::handle s) {
+  std::uintptr_t h = 0;
+  if (py::isinstance<Stream>(s)) h = s.cast<const Stream&>().handle();
+  else if (py::hasattr(s, "cuda_stream")) h = s.attr("cuda_stream").cast<std::uintptr_t>();  // torch
+  else if (py::hasattr(s, "ptr")) h = s.attr("ptr").cast<std::uintptr_t>();                  // cupy
+  else if (PyLong_Check(s.ptr()) && !PyBool_Check(s.ptr())) h = s.cast<std::uintptr_t>();
+  else
+    throw TypeError_(fmt::format("record_stream: expected a stream (gpufleet.Stream, torch.cuda.Stream, "
+                                 "cupy.cuda.Stream or a cudaStream_t as an int), got {}",
+                                 py::repr(s).cast<std::string>()));
+  GF_CHECK_ARG(h != 2, "record_stream: the per-thread default stream (2) names another stream in every thread; "
+               "pass a stream that outlives the result");
+  return h;
+}
+
+py::dict kernel_memory_stats_dict(py::handle device_like) {
+  const int device = cuda_index_from_py(device_like, "gpufleet.kernels.memory_stats");
+  release_held_inputs(false);
+  py::dict d;
+#if GPUFLEET_WITH_CUDA
+  const kernels::KernelMemoryStats s = kernels::kernel_memory_stats(device);
+  d["backend"] = s.backend;
+  d["used_bytes"] = s.used_bytes;
+  d["reserved_bytes"] = s.reserved_bytes;
+  d["release_threshold"] = s.release_threshold;
+  d["live_results"] = s.live_results;
+  d["failed_releases"] = s.failed_releases;
+#else
+  (void)device;
+  kernels::throw_no_cuda("kernel memory statistics");
+#endif
+  d["held_inputs"] = held_inputs().size();
+  return d;
 }
 
 }  // namespace
@@ -229,15 +300,17 @@ void bind_kernels(py::module_& m) {
   py::class_<DLPackBuffer>(m, "KernelBuffer",
                            "A device array produced by gpufleet.kernels, exported through DLPack "
                            "(torch.from_dlpack / cupy.from_dlpack / np.from_dlpack accept it).")
-      .def(
-          "__dlpack__",
-          [](const DLPackBuffer& b, py::object stream, py::object max_version, py::object dl_device, py::object copy) {
-            GF_CHECK_ARG(copy.is_none() || !copy.cast<bool>(), "KernelBuffer.__dlpack__: copy=True is not supported");
-            return b.dlpack(stream, max_version);
-          },
-          py::kw_only(), py::arg("stream") = py::none(),
-           py::arg("max_version") = py::none(), py::arg("dl_device") = py::none(), py::arg("copy") = py::none())
+      .def("__dlpack__", &DLPackBuffer::dlpack, py::kw_only(), py::arg("stream") = py::none(),
+           py::arg("max_version") = py::none(), py::arg("dl_device") = py::none(), py::arg("copy") = py::none(),
+           "DLPack export (Note [DLPack export]): the consumer's stream waits for the kernels that wrote this "
+           "result, whichever thread or stream is current now. dl_device=(1, 0) or copy=True copy on the current "
+           "gpufleet stream (copy=False raises BufferError where a copy is needed).")
       .def("__dlpack_device__", &DLPackBuffer::device)
+      .def("record_stream",
+           [](const DLPackBuffer& b, py::handle s) { kernels::record_stream(b.buffer, record_stream_handle(s)); },
+           py::arg("stream"),
+           "Work on `stream` uses this result: its memory is released only after the work queued there by then "
+           "(Note [Kernel result lifetimes]); the stream must still exist when the result is released.")
       .def_property_readonly("shape", [](const DLPackBuffer& b) { return py::tuple(py::cast(b.buffer.ref.shape)); })
       .def_property_readonly("dtype", [](const DLPackBuffer& b) { return std::string(kernels::dtype_name(b.buffer.ref.dtype)); })
       .def_property_readonly("device", [](const DLPackBuffer& b) { return b.buffer.ref.device; })
@@ -246,43 +319,43 @@ void bind_kernels(py::module_& m) {
   m.def("_kernels_num_threads", &kernels::num_threads);
   m.def("_kernels_set_num_threads", &kernels::set_num_threads, py::arg("n"));
   m.def("_kernels_is_cuda", [](py::object x) { return is_cuda_object(x); });
+  m.def("_kernels_memory_stats", &kernel_memory_stats_dict, py::arg("device") = py::none());
+  m.def("_kernels_release_held", [] { release_held_inputs(true); },
+        "Waits for the kernels still reading held inputs and releases them (at interpreter exit).");
 
   m.def(
       "_kernels_gaussian_blur",
-      [](py::object x, std::uintptr_t stream, int kx, int ky, double sigma, double sigma_y, const std::string& border) {
-        Input in = to_input(x, stream, "gaussian_blur");
+      [](py::object x, std::uintptr_t stream, int kx, int ky, double sigma, double sigma_y, const std::string& border,
+         py::object owner) {
+        Call call(x, stream, owner, "gaussian_blur");
         kernels::BlurArgs args{kx, ky, sigma, sigma_y, kernels::parse_border(border)};
-        GF_CHECK_ARG(in.ref.dtype == DType::F32 || in.ref.dtype == DType::U8,
-                     "gaussian_blur: unsupported {}: expected float32 or uint8", in.ref.describe());
-        Output out = make_output(in.ref, in.ref.dtype, in.ref.shape);
-        {
-          py::gil_scoped_release nogil;
-          kernels::gaussian_blur(in.ref, out.ref, args);
-        }
+        GF_CHECK_ARG(call.in().dtype == DType::F32 || call.in().dtype == DType::U8,
+                     "gaussian_blur: unsupported {}: expected float32 or uint8", call.in().describe());
+        Output out = call.output(call.in().dtype, call.in().shape);
+        call.run([&] { kernels::gaussian_blur(call.in(), out.ref, args); });
         return out.obj;
       },
       py::arg("x"), py::arg("stream"), py::arg("ksize_x"), py::arg("ksize_y"), py::arg("sigma"), py::arg("sigma_y"),
-      py::arg("border"));
+      py::arg("border"), py::arg("stream_owner") = py::none());
 
   m.def(
       "_kernels_canny",
-      [](py::object x, std::uintptr_t stream, double low, double high, bool l2) {
-        Input in = to_input(x, stream, "canny");
-        GF_CHECK_ARG(in.ref.dtype == DType::U8, "canny: unsupported {}: expected uint8 (as cv2.Canny)", in.ref.describe());
-        Output out = make_output(in.ref, DType::U8, in.ref.shape);
-        {
-          py::gil_scoped_release nogil;
-          kernels::canny(in.ref, out.ref, {low, high, l2});
-        }
+      [](py::object x, std::uintptr_t stream, double low, double high, bool l2, py::object owner) {
+        Call call(x, stream, owner, "canny");
+        GF_CHECK_ARG(call.in().dtype == DType::U8, "canny: unsupported {}: expected uint8 (as cv2.Canny)",
+                     call.in().describe());
+        Output out = call.output(DType::U8, call.in().shape);
+        call.run([&] { kernels::canny(call.in(), out.ref, {low, high, l2}); });
         return out.obj;
       },
-      py::arg("x"), py::arg("stream"), py::arg("low"), py::arg("high"), py::arg("l2gradient"));
+      py::arg("x"), py::arg("stream"), py::arg("low"), py::arg("high"), py::arg("l2gradient"),
+      py::arg("stream_owner") = py::none());
 
   m.def(
       "_kernels_kmeans1d",
       [](py::object x, std::uintptr_t stream, int k, const std::string& method, double sample,
-         std::optional<std::uint64_t> seed, int n_init, int max_iter, double tol, bool per_image) {
-        Input in = to_input(x, stream, "kmeans1d");
+         std::optional<std::uint64_t> seed, int n_init, int max_iter, double tol, bool per_image, py::object owner) {
+        Call call(x, stream, owner, "kmeans1d");
         kernels::KMeansArgs args;
         args.k = k;
         GF_CHECK_ARG(method == "exact" || method == "lloyd",
@@ -295,65 +368,58 @@ void bind_kernels(py::module_& m) {
         args.n_init = n_init;
         args.max_iter = max_iter;
         args.tol = tol;
-        kernels::check_kmeans(in.ref, args);
-        const std::int64_t problems = per_image && in.ref.ndim() == 3 ? in.ref.shape[0] : 1;
-        Output labels = make_output(in.ref, DType::I32, in.ref.shape);
-        Output centres = make_output(in.ref, DType::F64, {problems, k});
-        Output inertia = make_output(in.ref, DType::F64, {problems});
-        Output clusters = make_output(in.ref, DType::I32, {problems});
-        {
-          py::gil_scoped_release nogil;
-          kernels::kmeans1d(in.ref, {labels.ref, centres.ref, inertia.ref, clusters.ref}, args, per_image);
-        }
+        kernels::check_kmeans(call.in(), args);
+        const std::int64_t problems = per_image && call.in().ndim() == 3 ? call.in().shape[0] : 1;
+        Output labels = call.output(DType::I32, call.in().shape);
+        Output centres = call.output(DType::F64, {problems, k});
+        Output inertia = call.output(DType::F64, {problems});
+        Output clusters = call.output(DType::I32, {problems});
+        call.run([&] {
+          kernels::kmeans1d(call.in(), {labels.ref, centres.ref, inertia.ref, clusters.ref}, args, per_image);
+        });
         return py::make_tuple(labels.obj, centres.obj, inertia.obj, clusters.obj);
       },
       py::arg("x"), py::arg("stream"), py::arg("k"), py::arg("method"), py::arg("sample"), py::arg("seed"),
-      py::arg("n_init"), py::arg("max_iter"), py::arg("tol"), py::arg("per_image"));
+      py::arg("n_init"), py::arg("max_iter"), py::arg("tol"), py::arg("per_image"), py::arg("stream_owner") = py::none());
 
   m.def(
       "_kernels_normalize_minmax",
-      [](py::object x, std::uintptr_t stream, const std::string& dtype, std::int64_t groups) {
-        Input in = to_input(x, stream, "normalize_minmax");
+      [](py::object x, std::uintptr_t stream, const std::string& dtype, std::int64_t groups, py::object owner) {
+        Call call(x, stream, owner, "normalize_minmax");
         GF_CHECK_ARG(dtype == "uint8" || dtype == "float32",
                      "normalize_minmax: dtype={} is not supported: expected uint8 or float32", dtype);
-        Output out = make_output(in.ref, dtype == "uint8" ? DType::U8 : DType::F32, in.ref.shape);
-        {
-          py::gil_scoped_release nogil;
-          kernels::normalize_minmax(in.ref, out.ref, groups);
-        }
+        Output out = call.output(dtype == "uint8" ? DType::U8 : DType::F32, call.in().shape);
+        call.run([&] { kernels::normalize_minmax(call.in(), out.ref, groups); });
         return out.obj;
       },
-      py::arg("x"), py::arg("stream"), py::arg("dtype"), py::arg("groups"));
+      py::arg("x"), py::arg("stream"), py::arg("dtype"), py::arg("groups"), py::arg("stream_owner") = py::none());
 
   m.def(
       "_kernels_mean",
-      [](py::object x, std::uintptr_t stream, std::int64_t groups) {
-        Input in = to_input(x, stream, "mean");
-        Output out = make_output(in.ref, DType::F64, {groups});
-        {
-          py::gil_scoped_release nogil;
-          kernels::mean(in.ref, out.ref, groups);
-        }
+      [](py::object x, std::uintptr_t stream, std::int64_t groups, py::object owner) {
+        Call call(x, stream, owner, "mean");
+        Output out = call.output(DType::F64, {groups});
+        call.run([&] { kernels::mean(call.in(), out.ref, groups); });
         return out.obj;
       },
-      py::arg("x"), py::arg("stream"), py::arg("groups"));
+      py::arg("x"), py::arg("stream"), py::arg("groups"), py::arg("stream_owner") = py::none());
 
   m.def(
       "_kernels_congestion_score",
       [](py::object x, std::uintptr_t stream, int k, double low, double high, int ksize, double sigma, bool fast,
-         bool intermediates) {
-        Input in = to_input(x, stream, "congestion_score");
+         bool intermediates, py::object owner) {
+        Call call(x, stream, owner, "congestion_score");
         kernels::CongestionArgs args{k, low, high, ksize, sigma, fast};
-        kernels::check_congestion(in.ref, args);
-        const kernels::Batch b = kernels::as_batch(in.ref, "congestion_score(depth)");
+        kernels::check_congestion(call.in(), args);
+        const kernels::Batch b = kernels::as_batch(call.in(), "congestion_score(depth)");
         const std::vector<std::int64_t> nhw{b.n, b.h, b.w};
-        Output scores = make_output(in.ref, DType::F64, {b.n});
+        Output scores = call.output(DType::F64, {b.n});
         kernels::CongestionOut out;
         out.scores = scores.ref;
         py::dict inter;
         if (intermediates) {
-          Output labels = make_output(in.ref, DType::I32, nhw), centres = make_output(in.ref, DType::F64, {b.n, k}),
-                 normalized = make_output(in.ref, DType::U8, nhw), edges = make_output(in.ref, DType::U8, nhw);
+          Output labels = call.output(DType::I32, nhw), centres = call.output(DType::F64, {b.n, k}),
+                 normalized = call.output(DType::U8, nhw), edges = call.output(DType::U8, nhw);
           out.labels = labels.ref;
           out.centres = centres.ref;
           out.normalized = normalized.ref;
@@ -363,19 +429,16 @@ void bind_kernels(py::module_& m) {
           inter["normalized"] = normalized.obj;
           inter["edges"] = edges.obj;
           if (!fast) {
-            Output blurred = make_output(in.ref, DType::F32, nhw);
+            Output blurred = call.output(DType::F32, nhw);
             out.blurred = blurred.ref;
             inter["blurred"] = blurred.obj;
           }
         }
-        {
-          py::gil_scoped_release nogil;
-          kernels::congestion_score(in.ref, out, args);
-        }
+        call.run([&] { kernels::congestion_score(call.in(), out, args); });
         return py::make_tuple(scores.obj, inter);
       },
       py::arg("x"), py::arg("stream"), py::arg("k"), py::arg("low"), py::arg("high"), py::arg("ksize"),
-      py::arg("sigma"), py::arg("fast"), py::arg("intermediates"));
+      py::arg("sigma"), py::arg("fast"), py::arg("intermediates"), py::arg("stream_owner") = py::none());
 }
 
 }  // namespace gpufleet::bindings

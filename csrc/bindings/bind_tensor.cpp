@@ -1,22 +1,57 @@
-// Bindings for csrc/tensor: dtypes, Tensor, NumPy sharing, DLPack capsules, streams and events, the
-// current device, allocator stats, scatter/gather. Argument parsing that is plain glue (to()'s
-// positional forms, tensor() from nested lists, Module) lives in python/gpufleet/_tensor.py.
+// Bindings for csrc/tensor: dtypes, Tensor, NumPy sharing, creation, scatter/gather. DLPack capsules
+// are in bind_dlpack.cpp, devices/streams/events/memory in bind_stream.cpp (shared helpers:
+// tensor_bindings.h). Argument parsing that is plain glue (to()'s positional forms, tensor() from
+// nested lists, Module) lives in python/gpufleet/_tensor.py.
 #include <pybind11/numpy.h>
 #include <pybind11/operators.h>
 
 #include <array>
 #include <pybind11/stl.h>
 
-#include "bindings/bindings.h"
+#include "bindings/tensor_bindings.h"
 #include "common/error.h"
-#include "tensor/allocator.h"
 #include "tensor/dlpack_exchange.h"
 #include "tensor/stream.h"
 #include "tensor/tensor.h"
 
 namespace gpufleet::bindings {
 
+std::string type_name(py::handle obj) {
+  return py::str(py::type::handle_of(obj).attr("__name__")).cast<std::string>();
+}
+
+/// Releases a Python object held by a Storage: takes the GIL, and leaks the reference instead when
+/// the interpreter is finalizing or gone (Note [DLPack ownership]).
+void release_py_object(py::object* keep) {
+  call_with_gil([keep] { delete keep; });
+}
+
+void call_with_gil(const std::function<void()>& f) {
+  if (!Py_IsInitialized()) return;
+#if PY_VERSION_HEX >= 0x030D0000
+  if (Py_IsFinalizing()) return;
+#else
+  if (_Py_IsFinalizing()) return;
+#endif
+  py::gil_scoped_acquire gil;
+  f();
+}
+
+std::shared_ptr<void> hold_py_object(py::object obj) {
+  if (obj.is_none()) return nullptr;
+  return std::shared_ptr<void>(new py::object(std::move(obj)),
+                               [](void* p) { release_py_object(static_cast<py::object*>(p)); });
+}
+
+int cuda_index_from_py(py::handle obj, const char* what) {
+  if (obj.is_none()) return current_cuda_index();
+  const Device d = device_from_py(obj);
+  GF_CHECK_ARG(d.is_cuda(), "{} expects a CUDA device, got '{}'", what, d.str());
+  return resolve_device(d).index;
+}
+
 namespace {
+
 
 /// The Python face of a DType. One instance per dtype (gpufleet.float32 is gpufleet.float32), as
 /// torch.dtype objects are singletons.
@@ -30,10 +65,6 @@ std::array<py::object, kNumDTypes>& dtype_objects() {
 }
 
 py::object dtype_obj(DType d) { return dtype_objects()[static_cast<int>(d)]; }
-
-std::string type_name(py::handle obj) {
-  return py::str(py::type::handle_of(obj).attr("__name__")).cast<std::string>();
-}
 
 /// A gpufleet dtype, a name ("float32", "half", "torch.float16"), a NumPy dtype or scalar type, or a
 /// torch.dtype.
@@ -119,30 +150,6 @@ py::dtype numpy_dtype(DType d) {
   return py::reinterpret_borrow<py::dtype>(slot);
 }
 
-/// Releases a Python object held by a Storage: takes the GIL, and leaks the reference instead when
-/// the interpreter is finalizing or gone (Note [DLPack ownership]).
-void release_py_object(py::object* keep) {
-  if (!Py_IsInitialized()) return;
-#if PY_VERSION_HEX >= 0x030D0000
-  if (Py_IsFinalizing()) return;
-#else
-  if (_Py_IsFinalizing()) return;
-#endif
-  py::gil_scoped_acquire gil;
-  delete keep;
-}
-
-void call_with_gil(const std::function<void()>& f) {
-  if (!Py_IsInitialized()) return;
-#if PY_VERSION_HEX >= 0x030D0000
-  if (Py_IsFinalizing()) return;
-#else
-  if (_Py_IsFinalizing()) return;
-#endif
-  py::gil_scoped_acquire gil;
-  f();
-}
-
 Tensor from_numpy(py::handle obj) {
   GF_CHECK_TYPE(py::isinstance<py::array>(obj), "from_numpy expects a numpy.ndarray, got {} of type {}",
                 py::repr(obj).cast<std::string>().substr(0, 80), type_name(obj));
@@ -207,153 +214,18 @@ py::object self_or(py::object self, Tensor result) {
   return py::cast(std::move(result));
 }
 
-// ---- DLPack capsules --------------------------------------------------------------------------
-void dltensor_capsule_destructor(PyObject* capsule) {
-  if (PyCapsule_IsValid(capsule, "used_dltensor")) return;
-  PyObject *type, *value, *tb;
-  PyErr_Fetch(&type, &value, &tb);
-  auto* m = static_cast<DLManagedTensor*>(PyCapsule_GetPointer(capsule, "dltensor"));
-  if (m == nullptr) PyErr_WriteUnraisable(capsule);
-  else if (m->deleter) m->deleter(m);
-  PyErr_Restore(type, value, tb);
-}
-
-void dltensor_versioned_capsule_destructor(PyObject* capsule) {
-  if (PyCapsule_IsValid(capsule, "used_dltensor_versioned")) return;
-  PyObject *type, *value, *tb;
-  PyErr_Fetch(&type, &value, &tb);
-  auto* m = static_cast<DLManagedTensorVersioned*>(PyCapsule_GetPointer(capsule, "dltensor_versioned"));
-  if (m == nullptr) PyErr_WriteUnraisable(capsule);
-  else if (m->deleter) m->deleter(m);
-  PyErr_Restore(type, value, tb);
-}
-
-py::object to_dlpack_capsule(const Tensor& self, py::object stream, py::object max_version, py::object dl_device,
-                             py::object copy) {
-  Tensor t = self;
-  bool copied = false, host_as_cpu = false;
-  const std::optional<bool> cp = copy.is_none() ? std::nullopt : std::optional<bool>(copy.cast<bool>());
-  if (!dl_device.is_none()) {
-    const auto want = dl_device.cast<std::pair<int, int>>();
-    const DLDevice own = dlpack_device(t);
-    const bool host_view = t.device().is_cpu() && want.first == kDLCPU && want.second == 0;
-    host_as_cpu = host_view;
-    if (!(want.first == own.device_type && want.second == own.device_id) && !host_view) {
-      if (want.first == kDLCPU && want.second == 0) {
-        if (cp == false)
-          throw py::buffer_error(fmt::format("exporting a tensor on {} to the CPU (dl_device=(1, 0)) needs a copy, "
-                                             "but copy=False",
-                                             t.device().str()));
-        py::gil_scoped_release nogil;
-        t = t.to(Device::cpu());
-        copied = true;
-      } else {
-        throw py::buffer_error(fmt::format("cannot export a tensor on {} (DLPack device ({}, {})) to DLPack device "
-                                           "({}, {}): gpufleet exports to the tensor's own device or to the CPU (1, 0)",
-                                           t.device().str(), static_cast<int>(own.device_type), own.device_id,
-                                           want.first, want.second));
-      }
-    }
-  }
-  if (cp == true && !copied) {
-    py::gil_scoped_release nogil;
-    t = t.clone();
-    copied = true;
-  }
-  std::optional<std::int64_t> s;
-  if (!stream.is_none()) {
-    GF_CHECK_TYPE(PyLong_Check(stream.ptr()) && !PyBool_Check(stream.ptr()),
-                  "stream must be None or an int (1: legacy default stream, 2: per-thread default, -1: no "
-                  "synchronisation, or a cudaStream_t), got {}",
-                  py::repr(stream).cast<std::string>());
-    s = stream.cast<std::int64_t>();
-  }
-  if (t.device().is_cuda() || t.storage()->has_pending()) {
-    py::gil_scoped_release nogil;
-    dlpack_sync_for_consumer(t, s);
-  } else {
-    dlpack_sync_for_consumer(t, s);  // checks the stream argument; nothing to wait for
-  }
-  bool versioned = false;
-  if (!max_version.is_none()) {
-    const auto mv = max_version.cast<std::pair<int, int>>();
-    versioned = mv.first >= 1;
-  }
-  PyObject* cap = versioned ? PyCapsule_New(to_dlpack_versioned(t, copied, host_as_cpu), "dltensor_versioned",
-                                            dltensor_versioned_capsule_destructor)
-                            : PyCapsule_New(to_dlpack(t, host_as_cpu), "dltensor", dltensor_capsule_destructor);
-  if (!cap) throw py::error_already_set();
-  return py::reinterpret_steal<py::object>(cap);
-}
-
-Tensor from_dlpack_capsule(py::handle capsule, std::optional<bool> copy) {
-  PyObject* c = capsule.ptr();
-  GF_CHECK_TYPE(PyCapsule_CheckExact(c), "expected a DLPack capsule or an object with __dlpack__, got {}",
-                type_name(capsule));
-  Tensor t;
-  bool read_only = false, producer_copied = false;
-  if (PyCapsule_IsValid(c, "dltensor_versioned")) {
-    auto* m = static_cast<DLManagedTensorVersioned*>(PyCapsule_GetPointer(c, "dltensor_versioned"));
-    producer_copied = (m->flags & DLPACK_FLAG_BITMASK_IS_COPIED) != 0;
-    if (PyCapsule_SetName(c, "used_dltensor_versioned") != 0) throw py::error_already_set();
-    t = from_dlpack(m, &read_only, call_with_gil);
-  } else if (PyCapsule_IsValid(c, "dltensor")) {
-    auto* m = static_cast<DLManagedTensor*>(PyCapsule_GetPointer(c, "dltensor"));
-    if (PyCapsule_SetName(c, "used_dltensor") != 0) throw py::error_already_set();
-    t = from_dlpack(m, call_with_gil);
-  } else {
-    const char* name = PyCapsule_GetName(c);
-    PyErr_Clear();
-    throw std::invalid_argument(fmt::format("this capsule cannot be imported: its name is '{}' (a DLPack capsule is "
-                                            "named 'dltensor' or 'dltensor_versioned'; 'used_*' ones were already "
-                                            "consumed)",
-                                            name ? name : "NULL"));
-  }
-  if (read_only) {
-    if (copy == false)
-      throw py::buffer_error("the producer exported a read-only array and gpufleet tensors are writable: a copy "
-                             "is needed but copy=False");
-    py::gil_scoped_release nogil;
-    return t.clone();
-  }
-  if (copy == true && !producer_copied) {
-    py::gil_scoped_release nogil;
-    return t.clone();
-  }
-  return t;
-}
-
-int cuda_index_from_py(py::handle obj, const char* what) {
-  if (obj.is_none()) return current_cuda_index();
-  const Device d = device_from_py(obj);
-  GF_CHECK_ARG(d.is_cuda(), "{} expects a CUDA device, got '{}'", what, d.str());
-  return resolve_device(d).index;
-}
-
-py::dict stats_dict(const AllocatorStats& s) {
-  py::dict d;
-  d["allocated_bytes"] = s.allocated_bytes;
-  d["peak_allocated_bytes"] = s.peak_allocated_bytes;
-  d["reserved_bytes"] = s.reserved_bytes;
-  d["peak_reserved_bytes"] = s.peak_reserved_bytes;
-  d["cached_bytes"] = s.cached_bytes;
-  d["num_allocs"] = s.num_allocs;
-  d["num_frees"] = s.num_frees;
-  d["num_cache_hits"] = s.num_cache_hits;
-  d["num_raw_allocs"] = s.num_raw_allocs;
-  d["num_raw_frees"] = s.num_raw_frees;
-  d["num_oom_retries"] = s.num_oom_retries;
-  d["active_blocks"] = s.active_blocks;
-  d["cached_blocks"] = s.cached_blocks;
-  return d;
-}
-
 std::vector<Device> devices_from_py(py::handle seq) {
   GF_CHECK_TYPE(py::isinstance<py::sequence>(seq) && !py::isinstance<py::str>(seq),
                 "devices must be a sequence of devices, got {}", py::repr(seq).cast<std::string>());
   std::vector<Device> out;
   for (auto d : seq) out.push_back(device_from_py(d));
   return out;
+}
+
+py::object tensor_dlpack(const Tensor& self, py::object stream, py::object max_version, py::object dl_device,
+                         py::object copy) {
+  return export_dlpack({self, nullptr, nullptr}, std::move(stream), std::move(max_version), std::move(dl_device),
+                       std::move(copy));
 }
 
 }  // namespace
@@ -473,8 +345,13 @@ void bind_tensor(py::module_& m) {
            }, py::arg("value"))
       .def("numpy", &to_numpy,
            "A NumPy array sharing this CPU tensor's memory (TypeError for CUDA tensors and for bfloat16).")
-      .def("__dlpack__", &to_dlpack_capsule, py::kw_only(), py::arg("stream") = py::none(),
-           py::arg("max_version") = py::none(), py::arg("dl_device") = py::none(), py::arg("copy") = py::none())
+      .def("__dlpack__", &tensor_dlpack, py::kw_only(), py::arg("stream") = py::none(),
+           py::arg("max_version") = py::none(), py::arg("dl_device") = py::none(), py::arg("copy") = py::none(),
+           "DLPack export (Note [DLPack export]): a consumer's stream waits for the work queued so far on the "
+           "current gpufleet stream of the tensor's device, as torch.Tensor.__dlpack__ does with PyTorch's.")
+      .def("record_stream", &Tensor::record_stream, py::arg("stream"),
+           "PyTorch's Tensor.record_stream: the memory is not reused before the work queued on `stream` when the "
+           "tensor is freed has finished (the stream must still exist then).")
       .def("__dlpack_device__", [](const Tensor& t) {
         const DLDevice d = dlpack_device(t);
         return py::make_tuple(static_cast<int>(d.device_type), d.device_id);
@@ -503,11 +380,6 @@ void bind_tensor(py::module_& m) {
 
   m.def("from_numpy", &from_numpy, py::arg("array"),
         "A tensor sharing the array's memory (no copy); the array is kept alive by the tensor.");
-  m.def("_from_dlpack_capsule", &from_dlpack_capsule, py::arg("capsule"), py::arg("copy") = py::none());
-  m.def("_consumer_stream", [](int device) -> std::int64_t {
-    const Stream s = current_stream(device);
-    return s.is_default() ? 1 : static_cast<std::int64_t>(s.handle());
-  });
 
   m.def("empty", [](py::handle shape, py::handle dtype, py::handle device, bool pin) {
         const Shape s = shape_from_py(shape);
@@ -546,66 +418,8 @@ void bind_tensor(py::module_& m) {
         return broadcast(t, devs);
       }, py::arg("tensor"), py::arg("devices"));
 
-  // ---- current device, streams, events -------------------------------------------------------
-  m.def("_set_device_index", &set_current_cuda_index, py::arg("index"));
-  m.def("_current_device_index", &current_cuda_index);
-
-  py::class_<Stream>(m, "Stream", "A CUDA stream. Stream(device=None, priority=0) creates a new one.")
-      .def(py::init([](py::handle device, int priority) {
-             return Stream::create(cuda_index_from_py(device, "Stream"), priority);
-           }), py::arg("device") = py::none(), py::arg("priority") = 0)
-      .def_property_readonly("device", [](const Stream& s) { return Device::cuda(s.device()); })
-      .def_property_readonly("cuda_stream", &Stream::handle, "The cudaStream_t as an int (0: the default stream).")
-      .def("synchronize", &Stream::synchronize, py::call_guard<py::gil_scoped_release>())
-      .def("query", &Stream::query)
-      .def("wait_stream", &Stream::wait_stream, py::arg("stream"))
-      .def("wait_event", [](const Stream& s, const Event& e) { e.wait(s); }, py::arg("event"))
-      .def("record_event", [](const Stream& s, std::optional<Event> e) {
-             Event ev = e.value_or(Event(false));
-             ev.record(s);
-             return ev;
-           }, py::arg("event") = py::none())
-      .def("__eq__", [](const Stream& a, py::handle b) { return py::isinstance<Stream>(b) && a == b.cast<const Stream&>(); })
-      .def("__hash__", [](const Stream& s) { return std::hash<std::uintptr_t>()(s.handle() * 31 + s.device()); })
-      .def("__repr__", [](const Stream& s) {
-        return fmt::format("<gpufleet.Stream device=cuda:{} cuda_stream={:#x}>", s.device(), s.handle());
-      });
-
-  py::class_<Event>(m, "Event", "A CUDA event: record it on a stream, wait for it, time between two.")
-      .def(py::init<bool>(), py::arg("enable_timing") = false)
-      .def("record", [](Event& e, std::optional<Stream> s) { e.record(s.value_or(current_stream(current_cuda_index()))); },
-           py::arg("stream") = py::none())
-      .def("synchronize", &Event::synchronize, py::call_guard<py::gil_scoped_release>())
-      .def("query", &Event::query)
-      .def("wait", [](const Event& e, std::optional<Stream> s) { e.wait(s.value_or(current_stream(current_cuda_index()))); },
-           py::arg("stream") = py::none())
-      .def("elapsed_time", &Event::elapsed_ms, py::arg("end_event"), "Milliseconds from this event to end_event.")
-      .def_property_readonly("recorded", &Event::recorded);
-
-  m.def("current_stream", [](py::handle device) { return current_stream(cuda_index_from_py(device, "current_stream")); },
-        py::arg("device") = py::none());
-  m.def("default_stream", [](py::handle device) { return Stream::default_stream(cuda_index_from_py(device, "default_stream")); },
-        py::arg("device") = py::none());
-  m.def("_set_current_stream", &set_current_stream, py::arg("stream"));
-  m.def("synchronize", [](py::handle device) {
-        if (!device.is_none() && device_from_py(device).is_cpu()) return;  // nothing queued on the host
-        const int idx = cuda_index_from_py(device, "synchronize");
-        py::gil_scoped_release nogil;
-        synchronize_device(idx);
-      }, py::arg("device") = py::none(), "Waits for all work queued on a CUDA device (the current one by default).");
-
-  // ---- memory ---------------------------------------------------------------------------------
-  m.def("memory_stats", [](py::handle device) {
-        if (!device.is_none() && device_from_py(device).is_cpu()) return stats_dict(pinned_memory_stats());
-        return stats_dict(device_memory_stats(cuda_index_from_py(device, "memory_stats")));
-      }, py::arg("device") = py::none(),
-      "The caching allocator's counters for a CUDA device, or for the pinned host pool with device='cpu'.");
-  m.def("empty_cache", &empty_all_caches, py::call_guard<py::gil_scoped_release>(),
-        "Releases every cached (unused) block of the device allocators and the pinned pool.");
-  m.def("reset_peak_memory_stats", [](py::handle device) {
-        if (!device.is_none() && device_from_py(device).is_cpu()) return pinned_allocator().reset_peak_stats();
-        device_allocator(cuda_index_from_py(device, "reset_peak_memory_stats")).reset_peak_stats();
-      }, py::arg("device") = py::none());
+  bind_tensor_dlpack(m);
+  bind_tensor_streams(m);
 }
 
 }  // namespace gpufleet::bindings

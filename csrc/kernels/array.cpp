@@ -64,15 +64,20 @@ void throw_no_cuda(const char* op) {
 }
 
 #if !GPUFLEET_WITH_CUDA
-void stream_wait(Device device, std::uintptr_t, std::intptr_t) {
-  if (device.is_cuda()) throw_no_cuda("stream_wait");
+void set_produced(const Buffer&, std::shared_ptr<Production>) {}
+void consumer_wait(const Buffer& b, std::intptr_t) {
+  if (b.ref.device.is_cuda()) throw_no_cuda("consumer_wait");
+}
+void record_stream(const Buffer& b, std::uintptr_t) {
+  if (b.ref.device.is_cuda()) throw_no_cuda("record_stream");
 }
 #endif
 
-Buffer allocate(Device device, DType dtype, std::vector<std::int64_t> shape, std::uintptr_t stream) {
+Buffer allocate(Device device, DType dtype, std::vector<std::int64_t> shape, std::uintptr_t stream,
+                std::shared_ptr<void> stream_owner) {
   if (device.is_cuda()) {
 #if GPUFLEET_WITH_CUDA
-    return allocate_cuda(device, dtype, std::move(shape), stream);
+    return allocate_cuda(device, dtype, std::move(shape), stream, std::move(stream_owner));
 #else
     throw_no_cuda("allocate");
 #endif

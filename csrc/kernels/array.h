@@ -43,28 +43,41 @@ struct Batch {
 /// the argument in the error ("canny(image)").
 Batch as_batch(const ArrayRef& a, const char* what);
 
-/// Memory owned by the kernels (device memory from cudaMallocAsync, or host memory), freed when the
-/// last reference goes. Used for CUDA outputs and scratch.
+/// Memory owned by the kernels (device memory, or host memory), freed when the last reference goes.
+/// Used for CUDA outputs and scratch. CUDA results carry their lifetime state (Note [Kernel result
+/// lifetimes] in device_memory.h): the production event, the streams recorded as users.
+struct ResultLifetime;
 struct Buffer {
   std::shared_ptr<void> storage;
   ArrayRef ref;
+  std::shared_ptr<ResultLifetime> lifetime;  ///< CUDA results only
 };
 
-/// Allocates an uninitialised array on `device` (on CUDA stream-ordered on `stream`, freed on the same
-/// stream). Throws ValueError for a CUDA device in a build without CUDA.
-Buffer allocate(Device device, DType dtype, std::vector<std::int64_t> shape, std::uintptr_t stream = 0);
+class Production;
+
+/// Allocates an uninitialised array on `device`. On CUDA the memory is for kernels queued on `stream`
+/// (Note [Kernel result lifetimes]); `stream_owner`, when given, is held until the release and
+/// guarantees that `stream` still exists then (the Python bindings pass the input library's stream
+/// object). Throws ValueError for a CUDA device in a build without CUDA.
+Buffer allocate(Device device, DType dtype, std::vector<std::int64_t> shape, std::uintptr_t stream = 0,
+                std::shared_ptr<void> stream_owner = nullptr);
 
 /// Throws ValueError saying CUDA is not compiled in (used by front ends in CPU-only builds).
 [[noreturn]] void throw_no_cuda(const char* op);
 
-/// Makes work queued so far on `producer` visible to `consumer` (both DLPack stream values on CUDA
-/// device `device`: 1 legacy default, 2 per-thread default, else a cudaStream_t) without blocking the
-/// host: an event recorded on one, waited on by the other. No-op when they are equal or consumer is -1.
-void stream_wait(Device device, std::uintptr_t producer, std::intptr_t consumer);
+// CUDA results (no-ops for host buffers):
+/// Sets the event after which the result's contents are complete (record_production).
+void set_produced(const Buffer& b, std::shared_ptr<Production> produced);
+/// Makes the consumer's stream wait for the result's production (DLPack stream values: 1 legacy
+/// default, 2 the calling thread's per-thread default stream, else a cudaStream_t; -1: no wait).
+void consumer_wait(const Buffer& b, std::intptr_t consumer);
+/// Records that work on `stream` uses the result: its release waits for the work queued there by then.
+void record_stream(const Buffer& b, std::uintptr_t stream);
 
 #if GPUFLEET_WITH_CUDA
 /// Device memory helpers (array_cuda.cpp).
-Buffer allocate_cuda(Device device, DType dtype, std::vector<std::int64_t> shape, std::uintptr_t stream);
+Buffer allocate_cuda(Device device, DType dtype, std::vector<std::int64_t> shape, std::uintptr_t stream,
+                     std::shared_ptr<void> stream_owner);
 #endif
 
 }  // namespace gpufleet::kernels

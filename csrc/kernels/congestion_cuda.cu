@@ -1,6 +1,7 @@
-// congestion_score on CUDA for a whole batch, on the caller's stream, without host synchronisation:
-// exact k-means on each image's histogram -> normalised label image (one table lookup) -> canny ->
-// fast: a weighted count of the edges (Note [Fast congestion score]); faithful: blur + mean.
+// congestion_score on CUDA for a whole batch (any size: Note [Grid-stride launches]), on the caller's
+// stream, without host synchronisation: exact k-means on each image's histogram -> normalised label
+// image (one table lookup) -> canny -> fast: a weighted count of the edges (Note [Fast congestion
+// score]); faithful: blur + mean. Every limit of the steps is checked before the first is queued.
 #include <cstdint>
 #include <vector>
 
@@ -15,36 +16,35 @@ namespace gpufleet::kernels {
 
 namespace {
 
-constexpr int kThreads = 256;
-constexpr int kBlocksPerImage = 64;
+constexpr int kThreads = kReduceThreads;
 
 // Per (image, block): sum over edge pixels of wy[y] * wx[x]; also writes 0/255 edges when asked.
-__global__ void edge_weight_partial(const std::int32_t* __restrict__ state, std::int64_t h, std::int64_t w,
-                                    const double* __restrict__ wy, const double* __restrict__ wx,
+__global__ void edge_weight_partial(const std::int32_t* __restrict__ state, std::int64_t n, std::int64_t h,
+                                    std::int64_t w, const double* __restrict__ wy, const double* __restrict__ wx,
                                     std::uint8_t* __restrict__ edges, double* __restrict__ part) {
   __shared__ double s[kThreads];
-  const std::int64_t img = blockIdx.y, plane = h * w;
-  double acc = 0;
-  for (std::int64_t i = static_cast<std::int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < plane;
-       i += static_cast<std::int64_t>(gridDim.x) * blockDim.x) {
-    const bool edge = state[img * plane + i] == 2;
-    if (edge) acc += wy[i / w] * wx[i % w];
-    if (edges) edges[img * plane + i] = edge ? 255 : 0;
+  const std::int64_t plane = h * w;
+  for (std::int64_t img = blockIdx.y; img < n; img += gridDim.y) {
+    double acc = 0;
+    for (std::int64_t i = static_cast<std::int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < plane;
+         i += static_cast<std::int64_t>(gridDim.x) * blockDim.x) {
+      const bool edge = state[img * plane + i] == 2;
+      if (edge) acc += wy[i / w] * wx[i % w];
+      if (edges) edges[img * plane + i] = edge ? 255 : 0;
+    }
+    const double total = block_sum(acc, s);
+    if (threadIdx.x == 0) part[img * gridDim.x + blockIdx.x] = total;
   }
-  s[threadIdx.x] = acc;
-  __syncthreads();
-  for (int k = blockDim.x / 2; k > 0; k >>= 1) {
-    if (threadIdx.x < k) s[threadIdx.x] += s[threadIdx.x + k];
-    __syncthreads();
-  }
-  if (threadIdx.x == 0) part[img * gridDim.x + blockIdx.x] = s[0];
 }
 
-__global__ void edge_weight_final(const double* __restrict__ part, int parts, double scale, double* __restrict__ scores) {
-  if (threadIdx.x == 0) {
+// One thread per image.
+__global__ void edge_weight_final(const double* __restrict__ part, int parts, std::int64_t n, double scale,
+                                  double* __restrict__ scores) {
+  for (std::int64_t img = static_cast<std::int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; img < n;
+       img += static_cast<std::int64_t>(gridDim.x) * blockDim.x) {
     double s = 0;
-    for (int p = 0; p < parts; ++p) s += part[blockIdx.x * parts + p];
-    scores[blockIdx.x] = 255.0 * s * scale;
+    for (int p = 0; p < parts; ++p) s += part[img * parts + p];
+    scores[img] = 255.0 * s * scale;
   }
 }
 
@@ -66,8 +66,14 @@ void congestion_score_cuda(const ArrayRef& depth, const CongestionOut& out, cons
                "{}; convert the depth to uint8 as the seed does, or use a CPU array",
                depth.describe());
   const Batch b = as_batch(depth, "congestion_score(depth)");
-  GFK_CHECK_ARG(b.n <= 65535, "congestion_score: a batch of {} images is too large for one CUDA launch (at most 65535)",
-               b.n);
+  BlurArgs blur;
+  blur.ksize_x = blur.ksize_y = a.ksize;
+  blur.sigma = a.sigma;
+  const BlurPlan plan = plan_gaussian_blur(blur, DType::F32, b.h, b.w);
+  // Every step's limits before the first step is queued (a failure must not leave half a chain).
+  check_kmeans_cuda(a.k);
+  check_canny_cuda(b.h, b.w);
+  if (!a.fast) check_blur_cuda(plan);
   DeviceGuard guard(depth.device.index);
   const cudaStream_t stream = as_stream(depth.stream);
   const std::int64_t plane = b.plane(), total = b.n * plane;
@@ -85,32 +91,29 @@ void congestion_score_cuda(const ArrayRef& depth, const CongestionOut& out, cons
   launch_canny(norm, nullptr, state.get(), b.n, b.h, b.w, canny_thresholds({a.low, a.high, false}), false, stream);
 
   // 3. the score.
-  BlurArgs blur;
-  blur.ksize_x = blur.ksize_y = a.ksize;
-  blur.sigma = a.sigma;
-  const BlurPlan plan = plan_gaussian_blur(blur, DType::F32, b.h, b.w);
   std::uint8_t* edges = out.edges.data ? out.edges.ptr<std::uint8_t>() : nullptr;
   if (a.fast) {
     const std::vector<double> wy = blur_adjoint_weights(plan.ky, b.h, plan.border);
     const std::vector<double> wx = blur_adjoint_weights(plan.kx, b.w, plan.border);
-    Scratch<double> weights(static_cast<std::size_t>(b.h + b.w), stream);
-    GFK_CUDA_TRY(cudaMemcpyAsync(weights.get(), wy.data(), sizeof(double) * b.h, cudaMemcpyHostToDevice, stream));
-    GFK_CUDA_TRY(cudaMemcpyAsync(weights.get() + b.h, wx.data(), sizeof(double) * b.w, cudaMemcpyHostToDevice, stream));
-    const unsigned blocks =
-        static_cast<unsigned>(std::min<std::int64_t>(kBlocksPerImage, (plane + kThreads - 1) / kThreads));
-    Scratch<double> part(static_cast<std::size_t>(b.n) * blocks, stream);
-    edge_weight_partial<<<dim3(blocks, static_cast<unsigned>(b.n)), kThreads, 0, stream>>>(
-        state.get(), b.h, b.w, weights.get(), weights.get() + b.h, edges, part.get());
+    std::vector<double> weights_host(wy);
+    weights_host.insert(weights_host.end(), wx.begin(), wx.end());
+    Scratch<double> weights(weights_host.size(), stream);
+    upload_async(weights.get(), weights_host.data(), sizeof(double) * weights_host.size(), stream);
+    const Launch l = per_group_launch(b.n, plane);
+    Scratch<double> part(static_cast<std::size_t>(b.n) * l.grid.x, stream);
+    edge_weight_partial<<<as_dim3(l.grid), as_dim3(l.block), 0, stream>>>(state.get(), b.n, b.h, b.w, weights.get(),
+                                                                          weights.get() + b.h, edges, part.get());
     GF_CUDA_CHECK_LAUNCH();
-    edge_weight_final<<<static_cast<unsigned>(b.n), 32, 0, stream>>>(part.get(), static_cast<int>(blocks),
-                                                                    1.0 / static_cast<double>(plane),
-                                                                    out.scores.ptr<double>());
+    const Launch f = flat_launch(b.n, 128);
+    edge_weight_final<<<as_dim3(f.grid), as_dim3(f.block), 0, stream>>>(
+        part.get(), static_cast<int>(l.grid.x), b.n, 1.0 / static_cast<double>(plane), out.scores.ptr<double>());
     GF_CUDA_CHECK_LAUNCH();
   } else {
     Scratch<float> e(static_cast<std::size_t>(total), stream);
     Scratch<float> blurred_tmp(out.blurred.data ? 0 : static_cast<std::size_t>(total), stream);
     float* blurred = out.blurred.data ? out.blurred.ptr<float>() : blurred_tmp.get();
-    edges_to_float<<<grid_for(total, kThreads), kThreads, 0, stream>>>(state.get(), e.get(), edges, total);
+    const Launch fl = flat_launch(total, kThreads);
+    edges_to_float<<<as_dim3(fl.grid), as_dim3(fl.block), 0, stream>>>(state.get(), e.get(), edges, total);
     GF_CUDA_CHECK_LAUNCH();
     gaussian_blur_cuda_raw(e.get(), blurred, DType::F32, b.n, b.h, b.w, plan, stream);
     launch_mean_f32(blurred, out.scores.ptr<double>(), b.n, plane, stream);

@@ -1,6 +1,6 @@
 #pragma once
 /// Helpers for the CUDA backends (include only from `*.cu` and `*_cuda.cpp`): error checks, the
-/// device guard, DLPack stream values as cudaStream_t, stream-ordered scratch memory.
+/// device guard, DLPack stream values as cudaStream_t, stream-ordered scratch memory and uploads.
 ///
 /// Note [No fmt in .cu files]: nvcc cannot compile fmt 9 in C++20 mode (its consteval format-string
 /// checks and constexpr helpers fail), so `*.cu` files never include common/error.h. They use
@@ -8,6 +8,8 @@
 /// formatter and throw the same exception types (std::invalid_argument, gpufleet::CudaError, the
 /// latter raised from array_cuda.cpp, compiled by the host compiler).
 #include <cuda_runtime_api.h>
+
+#include "kernels/launch_shape.h"
 
 #include <cstdint>
 #include <sstream>
@@ -54,7 +56,8 @@ std::string format_message(std::string_view pattern, const Args&... args) {
 
 namespace gpufleet::kernels {
 
-/// DLPack's stream values are CUDA's own handles: 1 is cudaStreamLegacy, 2 cudaStreamPerThread.
+/// DLPack's stream values are CUDA's own handles: 1 is cudaStreamLegacy, 2 cudaStreamPerThread (the
+/// calling thread's own: never keep it to use from another thread; Note [Kernel result lifetimes]).
 inline cudaStream_t as_stream(std::uintptr_t s) { return reinterpret_cast<cudaStream_t>(s); }
 
 /// Makes `device` current for the scope and restores the previous device (rmm's cuda_set_device_raii).
@@ -78,34 +81,38 @@ class DeviceGuard {
   bool changed_ = false;
 };
 
-/// Stream-ordered scratch memory: allocated on `stream`, freed on it when the scope ends (after the
-/// work queued meanwhile), so no host synchronisation is needed.
+// Device memory of the current device from the kernels' backend (Note [Kernel memory backend] in
+// device_memory.h; array_cuda.cpp). Scratch is stream-ordered: freed on `stream` after the work
+// queued there, so no host synchronisation is needed.
+void* scratch_alloc(std::size_t bytes, cudaStream_t stream);
+void scratch_free(int device, void* p, cudaStream_t stream) noexcept;
+/// Copies `bytes` from host memory into device memory `dst`, ordered on `stream`, through a pinned
+/// staging block: the host never waits (no pageable copy), the block is reused once the copy ran.
+void upload_async(void* dst, const void* src, std::size_t bytes, cudaStream_t stream);
+
+/// Scratch memory for the scope of a launcher (freed on `stream` when the scope ends).
 template <class T>
 class Scratch {
  public:
   Scratch(std::size_t count, cudaStream_t stream) : stream_(stream) {
-    if (count) GFK_CUDA_TRY(cudaMallocAsync(reinterpret_cast<void**>(&ptr_), count * sizeof(T), stream));
+    GFK_CUDA_TRY(cudaGetDevice(&device_));
+    ptr_ = static_cast<T*>(scratch_alloc(count * sizeof(T), stream));
   }
-  ~Scratch() {
-    if (ptr_ && cudaFreeAsync(ptr_, stream_) != cudaSuccess) (void)cudaGetLastError();
-  }
+  ~Scratch() { scratch_free(device_, ptr_, stream_); }
   Scratch(const Scratch&) = delete;
   Scratch& operator=(const Scratch&) = delete;
   T* get() const { return ptr_; }
 
  private:
   T* ptr_ = nullptr;
+  int device_ = 0;
   cudaStream_t stream_;
 };
 
 /// Throws CudaError if the last launch failed (launch errors are reported without synchronising).
 #define GF_CUDA_CHECK_LAUNCH() GFK_CUDA_TRY(cudaGetLastError())
 
-inline unsigned grid_for(std::int64_t n, unsigned block, unsigned max_blocks = 65535u * 16u) {
-  std::int64_t g = (n + block - 1) / block;
-  if (g < 1) g = 1;
-  if (g > max_blocks) g = max_blocks;
-  return static_cast<unsigned>(g);
-}
+/// A launch shape (launch_shape.h) as CUDA's dim3.
+inline dim3 as_dim3(const Dim& d) { return dim3(d.x, d.y, d.z); }
 
 }  // namespace gpufleet::kernels

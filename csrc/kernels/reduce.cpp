@@ -17,15 +17,17 @@ void normalize_minmax(const ArrayRef& in, const ArrayRef& out, std::int64_t grou
   GF_CHECK_ARG(out.dtype == DType::U8 || out.dtype == DType::F32,
                "normalize_minmax: output dtype {} is not supported: expected uint8 or float32", dtype_name(out.dtype));
   GF_ASSERT(out.numel() == in.numel() && out.device == in.device, "output {} for {}", out.describe(), in.describe());
+  std::int64_t nan_at = -1;
   if (in.device.is_cuda()) {
 #if GPUFLEET_WITH_CUDA
-    normalize_minmax_cuda(in, out, groups);
-    return;
+    nan_at = normalize_minmax_cuda(in, out, groups);
 #else
     throw_no_cuda("normalize_minmax");
 #endif
+  } else {
+    nan_at = normalize_minmax_cpu(in, out, groups);
   }
-  normalize_minmax_cpu(in, out, groups);
+  GF_CHECK_ARG(nan_at < 0, "normalize_minmax: NaN at flat index {} of the {}: expected no NaN", nan_at, in.describe());
 }
 
 void mean(const ArrayRef& in, const ArrayRef& out, std::int64_t groups) {

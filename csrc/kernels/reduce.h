@@ -12,7 +12,9 @@ namespace gpufleet::kernels {
 /// array; uint8 output truncates as `.astype(np.uint8)`. min and max are taken per group of
 /// `in.numel() / groups` consecutive values (per image for a batch). A constant group maps to 0
 /// (the seed divides by zero there). Input uint8, int32, int64, float32 or float64 (cast to float32
-/// first, as the seed does); NaN raises ValueError on the CPU. Output uint8 or float32.
+/// first, as the seed does: float64 values beyond float32's range become ±inf, and a group of +inf or
+/// of -inf is constant); NaN raises ValueError naming the first one's flat index, on both backends
+/// (on CUDA a float input waits for its min/max pass to know: reduce_cuda.cu). Output uint8 or float32.
 void normalize_minmax(const ArrayRef& in, const ArrayRef& out, std::int64_t groups);
 
 /// out[g] = mean of the g-th of `groups` consecutive blocks of `in`, accumulated in double
@@ -26,10 +28,12 @@ inline float minmax_scale(float v, float lo, float hi) {
   return t / (hi - lo);
 }
 
-void normalize_minmax_cpu(const ArrayRef& in, const ArrayRef& out, std::int64_t groups);
+// Backends. normalize_minmax's return the flat index of the first NaN (nothing written then), or -1;
+// the front end raises.
+std::int64_t normalize_minmax_cpu(const ArrayRef& in, const ArrayRef& out, std::int64_t groups);
 void mean_cpu(const ArrayRef& in, const ArrayRef& out, std::int64_t groups);
 #if GPUFLEET_WITH_CUDA
-void normalize_minmax_cuda(const ArrayRef& in, const ArrayRef& out, std::int64_t groups);
+std::int64_t normalize_minmax_cuda(const ArrayRef& in, const ArrayRef& out, std::int64_t groups);
 void mean_cuda(const ArrayRef& in, const ArrayRef& out, std::int64_t groups);
 #endif
 

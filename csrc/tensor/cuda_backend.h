@@ -22,6 +22,9 @@ int runtime_device_count();  ///< 0 when the runtime sees none (never throws)
 
 void* raw_device_alloc(int device, std::size_t nbytes);  ///< nullptr when out of memory
 void raw_device_free(int device, void* ptr);
+/// Test hook: after `after` more successful calls, the next `count` raw_device_free calls throw
+/// CudaError without freeing.
+void inject_device_free_failures(int count, int after);
 void* raw_pinned_alloc(std::size_t nbytes);  ///< nullptr when out of memory
 void raw_pinned_free(void* ptr);
 
@@ -37,7 +40,7 @@ void stream_synchronize(int device, std::uintptr_t stream);
 bool stream_query(int device, std::uintptr_t stream);
 void stream_wait_event(int device, std::uintptr_t stream, std::uintptr_t event);
 std::uintptr_t event_create(int device, bool enable_timing);
-void event_destroy(int device, std::uintptr_t event);
+void event_destroy(int device, std::uintptr_t event);  ///< device < 0: whatever device is current
 void event_record(int device, std::uintptr_t event, std::uintptr_t stream);
 void event_synchronize(std::uintptr_t event);
 bool event_query(std::uintptr_t event);

@@ -137,16 +137,21 @@ Tensor from_dlpack(DLManagedTensorVersioned* managed, bool* read_only, const Del
   return import_dltensor(managed->dl_tensor, release, call);
 }
 
+std::int64_t dlpack_consumer_stream(std::optional<std::int64_t> stream) {
+  const std::int64_t s = stream.value_or(1);
+  GF_CHECK_ARG(s != 0, "stream=0 is ambiguous and not allowed by the DLPack protocol: use 1 for the legacy default "
+               "stream, 2 for the per-thread default stream, -1 for no synchronisation, or a cudaStream_t");
+  GF_CHECK_ARG(s >= -1, "invalid stream {}: expected None, -1, 1, 2 or a cudaStream_t", s);
+  return s;
+}
+
 void dlpack_sync_for_consumer(const Tensor& t, std::optional<std::int64_t> stream) {
   if (t.device().is_cpu()) {
     GF_CHECK_ARG(!stream, "stream must be None for a tensor in host memory, got {}", *stream);
     t.storage()->wait_pending();
     return;
   }
-  const std::int64_t s = stream.value_or(1);
-  GF_CHECK_ARG(s != 0, "stream=0 is ambiguous and not allowed by the DLPack protocol: use 1 for the legacy default "
-               "stream, 2 for the per-thread default stream, -1 for no synchronisation, or a cudaStream_t");
-  GF_CHECK_ARG(s >= -1, "invalid stream {}: expected None, -1, 1, 2 or a cudaStream_t", s);
+  const std::int64_t s = dlpack_consumer_stream(stream);
   if (s == -1) return;
   const int dev = t.device().index;
   const Stream producer = current_stream(dev);

@@ -34,6 +34,15 @@ Tensor from_dlpack(DLManagedTensorVersioned* managed, bool* read_only = nullptr,
 /// The stream rule of `__dlpack__`: makes `t`'s data ready on the consumer's `stream` (None/1: legacy
 /// default, 2: per-thread default, >2: a cudaStream_t, -1: no synchronisation; 0 is invalid). For a
 /// host tensor `stream` must be None. Throws std::invalid_argument naming a bad value.
+///
+/// What the consumer waits for is the work queued so far on the *current* gpufleet stream of the
+/// tensor's device in the calling thread, not on whichever stream last wrote the tensor (gpufleet does
+/// not track writers): PyTorch's rule for torch.Tensor.__dlpack__. A tensor written on another stream
+/// must be synchronised, or that stream made current, before the export.
 void dlpack_sync_for_consumer(const Tensor& t, std::optional<std::int64_t> stream);
+
+/// A device export's consumer stream argument checked and resolved (None -> 1); -1 means no wait.
+/// Throws std::invalid_argument for 0 (ambiguous in DLPack) and values below -1.
+std::int64_t dlpack_consumer_stream(std::optional<std::int64_t> stream);
 
 }  // namespace gpufleet

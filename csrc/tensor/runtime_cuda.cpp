@@ -2,6 +2,7 @@
 #include <cuda_runtime_api.h>
 
 #include <cstdlib>
+#include <mutex>
 
 #include "common/cuda_check.h"
 #include "common/cuda_device_scope.h"
@@ -58,7 +59,36 @@ void* raw_device_alloc(int device, std::size_t nbytes) {
   return p;
 }
 
+namespace {
+std::mutex injected_mutex;
+int injected_after = 0, injected_failures = 0;
+
+// Test hook (gpufleet._core._inject_cuda_free_failures): true when this free is to fail as a cudaFree
+// on a broken context would (tests/python/test_cuda_lifetimes.py).
+bool injected_free_failure() {
+  std::lock_guard<std::mutex> lock(injected_mutex);
+  if (injected_failures == 0) return false;
+  if (injected_after > 0) {
+    --injected_after;
+    return false;
+  }
+  --injected_failures;
+  return true;
+}
+}  // namespace
+
+void inject_device_free_failures(int count, int after) {
+  std::lock_guard<std::mutex> lock(injected_mutex);
+  injected_failures = count;
+  injected_after = after;
+}
+
 void raw_device_free(int device, void* ptr) {
+  if (injected_free_failure())
+    throw CudaError(fmt::format("CUDA error cudaErrorLaunchFailure in cudaFree({}) (injected by "
+                                "gpufleet._core._inject_cuda_free_failures; the block is not freed)",
+                                ptr),
+                    static_cast<int>(cudaErrorLaunchFailure));
   DeviceScope scope(device);
   GF_CUDA_TRY(cudaFree(ptr));
 }
@@ -126,6 +156,10 @@ std::uintptr_t event_create(int device, bool enable_timing) {
 }
 
 void event_destroy(int device, std::uintptr_t event) {
+  if (device < 0) {  // cudaEventDestroy needs no particular current device
+    GF_CUDA_TRY(cudaEventDestroy(as_event(event)));
+    return;
+  }
   DeviceScope scope(device);
   GF_CUDA_TRY(cudaEventDestroy(as_event(event)));
 }

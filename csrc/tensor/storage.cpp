@@ -61,6 +61,10 @@ void Storage::wait_pending() {
   if (work) work->wait();
 }
 
+void Storage::record_stream(std::uintptr_t stream) const {
+  if (recorder_) recorder_(stream);
+}
+
 bool Storage::has_pending() const {
   std::lock_guard<std::mutex> lock(mutex_);
   return pending_ != nullptr;
@@ -111,7 +115,9 @@ std::shared_ptr<Storage> allocate_storage(std::size_t nbytes, Device device, Mem
       cuda_backend::check_device(device.index, fmt::format("cannot allocate memory on {}", device.str()).c_str());
       auto& alloc = device_allocator(device.index);
       void* p = alloc.allocate(nbytes, current_stream(device.index).handle());
-      return wrap_storage(p, nbytes, device, kind, [&alloc](void* q) { alloc.deallocate(q); });
+      auto storage = wrap_storage(p, nbytes, device, kind, [&alloc](void* q) { alloc.deallocate(q); });
+      if (p) storage->set_stream_recorder([&alloc, p](std::uintptr_t s) { alloc.record_stream(p, s); });
+      return storage;
 #endif
     }
   }

@@ -2,6 +2,7 @@
 /// Reference-counted tensor storage: host pageable, host pinned or device memory, or memory owned by
 /// someone else (a NumPy array, a DLPack producer) and released through a deleter.
 #include <cstddef>
+#include <cstdint>
 #include <functional>
 #include <memory>
 #include <mutex>
@@ -51,12 +52,20 @@ class Storage {
   void wait_pending();
   bool has_pending() const;
 
+  /// Note [record_stream]: the caching allocator that owns these bytes is told that work on `stream`
+  /// uses them, so the block is not reused before that work finishes. Memory gpufleet does not own
+  /// (imported through DLPack, wrapped NumPy arrays) is its owner's to manage: no-op.
+  void record_stream(std::uintptr_t stream) const;
+  /// Set by allocate_storage for blocks of a caching allocator.
+  void set_stream_recorder(std::function<void(std::uintptr_t)> recorder) { recorder_ = std::move(recorder); }
+
  private:
   void* data_;
   std::size_t nbytes_;
   Device device_;
   MemoryKind kind_;
   Deleter deleter_;
+  std::function<void(std::uintptr_t)> recorder_;
   mutable std::mutex mutex_;
   std::shared_ptr<PendingWork> pending_;
 };

@@ -228,6 +228,14 @@ const Tensor& Tensor::fill_(Scalar value) const {
   return *this;
 }
 
+void Tensor::record_stream(const Stream& stream) const {
+  GF_CHECK_ARG(defined(), "record_stream on an undefined tensor");
+  GF_CHECK_ARG(device().is_cuda(), "record_stream needs a CUDA tensor, got one on {}", device().str());
+  GF_CHECK_ARG(stream.device() == device().index, "record_stream: the stream is on cuda:{} but the tensor is on {}",
+               stream.device(), device().str());
+  storage_->record_stream(stream.handle());
+}
+
 // ---- views --------------------------------------------------------------------------------------
 Tensor Tensor::narrow(int dim, std::int64_t start, std::int64_t length) const {
   const int d = wrap_dim(dim);

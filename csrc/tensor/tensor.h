@@ -32,6 +32,8 @@ Device resolve_device(Device d);
 /// least two devices, cuda:0 and cpu!") when `a` and `b` differ; `op` is named in the message.
 void check_same_device(const Device& a, const Device& b, const std::string& op);
 
+class Stream;
+
 class Tensor {
  public:
   Tensor() = default;
@@ -86,6 +88,10 @@ class Tensor {
   /// Copies `src` into this tensor (same shape; dtype converted; any devices). Returns *this.
   const Tensor& copy_(const Tensor& src, bool non_blocking = false) const;
   const Tensor& fill_(Scalar value) const;
+  /// PyTorch's Tensor.record_stream (Note [record_stream] in allocator.h): the memory is not reused
+  /// before the work queued on `stream` when this tensor's storage is freed has finished. `stream`
+  /// must be a stream of this tensor's device and must still exist when the storage is freed.
+  void record_stream(const Stream& stream) const;
 
   // ---- views (share storage) -------------------------------------------------------------------
   Tensor narrow(int dim, std::int64_t start, std::int64_t length) const;

@@ -5,7 +5,15 @@ Every function takes a NumPy array (or anything with the buffer protocol / ``__a
 ``__dlpack__`` on the CPU) or a CUDA array through DLPack (PyTorch, CuPy, ...), an image ``(H, W)`` or a
 batch ``(N, H, W)``, and returns its result on the input's device, as the input's own array type where
 that type's library has ``from_dlpack`` (NumPy arrays for NumPy and other CPU inputs). CUDA work runs on
-the input library's current stream (the legacy default stream otherwise), with no host synchronisation.
+the input library's current stream (the legacy default stream otherwise), with no host synchronisation
+(one exception: :func:`normalize_minmax` of a float array waits for its min/max pass, to raise on NaN as
+the CPU path does).
+
+A CUDA result behaves like an array its library allocated on that stream: its memory is reused only
+after the work queued on that stream when it is released (the stream object is kept alive meanwhile),
+and inputs stay alive until the kernels reading them have run. Work on another stream that uses a
+result must finish before the result is released, PyTorch's rule (see ``csrc/kernels/device_memory.h``,
+Note [Kernel result lifetimes]).
 
 - :func:`gaussian_blur`: ``cv2.GaussianBlur`` (float32, uint8; replicate / reflect101 / constant).
 - :func:`canny`: bit-identical to ``cv2.Canny`` with aperture 3.
@@ -18,6 +26,7 @@ CPU kernels use :func:`get_num_threads` threads (all the CPUs this process may u
 """
 from __future__ import annotations
 
+import atexit
 import math
 import sys
 from typing import Any, NamedTuple, Optional, Sequence, Tuple, Union
@@ -34,6 +43,7 @@ __all__ = [
     "get_num_threads",
     "kmeans1d",
     "mean",
+    "memory_stats",
     "normalize_minmax",
     "set_num_threads",
 ]
@@ -61,28 +71,32 @@ def _is_cuda(x: Any) -> bool:
     return _core._kernels_is_cuda(x)
 
 
-def _cuda_stream(x: Any) -> int:
-    """The DLPack stream value of the input library's current stream (1: legacy default)."""
+def _cuda_stream(x: Any) -> Tuple[int, Any]:
+    """(DLPack stream value, stream object) of the input library's current stream (1: legacy default).
+    The stream object is kept by the results, so the library cannot destroy the stream (CuPy does when
+    its Stream is collected) before the results made on it are released."""
     mod = sys.modules.get(type(x).__module__.split(".")[0])
-    s = 0
+    s, owner = 0, None
     try:
         if mod is not None and mod.__name__ == "torch":
-            s = int(mod.cuda.current_stream(x.device).cuda_stream)
+            owner = mod.cuda.current_stream(x.device)
+            s = int(owner.cuda_stream)
         elif mod is not None and mod.__name__ == "cupy":
             with x.device:
-                s = int(mod.cuda.get_current_stream().ptr)
+                owner = mod.cuda.get_current_stream()
+                s = int(owner.ptr)
     except Exception:  # noqa: BLE001 - an unknown library: use the legacy default stream
-        s = 0
-    return s if s not in (0,) else 1
+        s, owner = 0, None
+    return (s if s != 0 else 1), owner
 
 
-def _prepare(x: Any, what: str) -> Tuple[Any, int]:
-    """(object for the core, stream): a C-contiguous NumPy array for CPU inputs, the object itself for
-    CUDA inputs (the core reads it through DLPack)."""
+def _prepare(x: Any, what: str) -> Tuple[Any, int, Any]:
+    """(object for the core, stream, stream owner): a C-contiguous NumPy array for CPU inputs, the
+    object itself for CUDA inputs (the core reads it through DLPack)."""
     if x is None:
         raise TypeError(f"{what}: expected an array, got None")
     if _is_cuda(x):
-        return x, _cuda_stream(x)
+        return (x, *_cuda_stream(x))
     if isinstance(x, np.ndarray):
         arr = x
     elif hasattr(x, "__dlpack__") and not hasattr(x, "__array__"):
@@ -95,7 +109,7 @@ def _prepare(x: Any, what: str) -> Tuple[Any, int]:
                             f"{type(x).__name__}") from e
     if arr.dtype == object or arr.dtype.kind not in "uif":
         raise ValueError(f"{what}: unsupported dtype {arr.dtype}: expected a numeric array")
-    return np.ascontiguousarray(arr), 0
+    return np.ascontiguousarray(arr), 0, None
 
 
 def _wrap(x: Any, out: Any) -> Any:
@@ -145,7 +159,7 @@ def gaussian_blur(x: Any, ksize: Union[int, Sequence[int]], sigma: float, sigma_
     ``"replicate"``, ``"reflect101"`` (OpenCV's default) or ``"constant"`` (zeros). A dimension of size 1
     uses a 1-tap kernel unless the border is constant, as OpenCV. uint8 results round to nearest.
     """
-    obj, stream = _prepare(x, "gaussian_blur")
+    obj, stream, owner = _prepare(x, "gaussian_blur")
     _check_image_rank(obj, "gaussian_blur(x)")
     if isinstance(ksize, (tuple, list)):
         if len(ksize) != 2:
@@ -159,16 +173,16 @@ def gaussian_blur(x: Any, ksize: Union[int, Sequence[int]], sigma: float, sigma_
         raise ValueError(f"gaussian_blur: sigma_y={sigma_y!r} is invalid: expected a finite number > 0 or None")
     if not isinstance(border, str):
         raise TypeError(f"gaussian_blur: border must be a string, got {border!r}")
-    return _wrap(x, _core._kernels_gaussian_blur(obj, stream, kx, ky, s, sy, border))
+    return _wrap(x, _core._kernels_gaussian_blur(obj, stream, kx, ky, s, sy, border, stream_owner=owner))
 
 
 def canny(img_u8: Any, low: float, high: float, l2gradient: bool = False) -> Any:
     """``cv2.Canny(img_u8, low, high, apertureSize=3, L2gradient=l2gradient)``, bit for bit: uint8 edges
     (0 or 255). Thresholds are floored and swapped if reversed, as OpenCV."""
-    obj, stream = _prepare(img_u8, "canny")
+    obj, stream, owner = _prepare(img_u8, "canny")
     _check_image_rank(obj, "canny(img_u8)")
     return _wrap(img_u8, _core._kernels_canny(obj, stream, _float_arg(low, "canny(low)"),
-                                              _float_arg(high, "canny(high)"), bool(l2gradient)))
+                                              _float_arg(high, "canny(high)"), bool(l2gradient), stream_owner=owner))
 
 
 class KMeansResult(NamedTuple):
@@ -197,7 +211,7 @@ def kmeans1d(values: Any, k: int, *, method: str = "exact", sample: Optional[flo
     (one per distinct value, inertia 0) and the centres past d are NaN; constant input gives label 0
     everywhere. Values must be uint8, float32 or float64 and finite.
     """
-    obj, stream = _prepare(values, "kmeans1d")
+    obj, stream, owner = _prepare(values, "kmeans1d")
     k = _int_arg(k, "kmeans1d(k)")
     if sample is None:
         frac = 0.0
@@ -215,7 +229,7 @@ def kmeans1d(values: Any, k: int, *, method: str = "exact", sample: Optional[flo
         raise ValueError(f"kmeans1d: expected values of shape (n,), (H, W) or (N, H, W), got {tuple(obj.shape)}")
     per_image = ndim == 3
     labels, centres, inertia, _clusters = _core._kernels_kmeans1d(obj, stream, k, method, frac, seed, n_init, 300,
-                                                                  1e-4, per_image)
+                                                                  1e-4, per_image, stream_owner=owner)
     if _is_cuda(obj):
         centres, inertia = _wrap(values, centres), _wrap(values, inertia)
         if not per_image and hasattr(centres, "__getitem__"):  # (k,) and a 0-d inertia, on the device
@@ -232,9 +246,11 @@ def normalize_minmax(x: Any, dtype: Any = np.uint8) -> Any:
     """The seed's ``((x - x.min()) * 255 / (x.max() - x.min())).astype(dtype)`` evaluated in float32 as
     NumPy does, per image for a batch ``(N, H, W)`` and over the whole array otherwise. A constant image
     maps to 0 (the seed divides by zero there). ``dtype``: uint8 (truncating, as ``astype``) or float32.
-    Input uint8, int32, int64, float32 or float64 (cast to float32 first, as the seed); NaN raises
-    ValueError."""
-    obj, stream = _prepare(x, "normalize_minmax")
+    Input uint8, int32, int64, float32 or float64 (cast to float32 first, as the seed: float64 values
+    beyond float32's range become ±inf; an image of +inf or of -inf is constant). NaN raises ValueError
+    naming its index; on CUDA a float input therefore waits for its min/max pass (one host
+    synchronisation, the only one in gpufleet.kernels; integer inputs never wait)."""
+    obj, stream, owner = _prepare(x, "normalize_minmax")
     name = np.dtype(dtype).name
     if name not in ("uint8", "float32"):
         raise ValueError(f"normalize_minmax: dtype={name} is not supported: expected uint8 or float32")
@@ -242,14 +258,14 @@ def normalize_minmax(x: Any, dtype: Any = np.uint8) -> Any:
     if len(shape) == 0 or math.prod(shape) == 0:
         raise ValueError(f"normalize_minmax: expected a non-empty array, got shape {shape}")
     groups = shape[0] if len(shape) == 3 else 1
-    return _wrap(x, _core._kernels_normalize_minmax(obj, stream, name, groups))
+    return _wrap(x, _core._kernels_normalize_minmax(obj, stream, name, groups, stream_owner=owner))
 
 
 def mean(x: Any, axis: Union[None, int, Sequence[int]] = None) -> Any:
     """``np.mean(x, axis)`` accumulated in double (float64 result): a float for ``axis=None``, an array
     over the remaining axes otherwise (e.g. ``axis=(1, 2)``: one mean per image). On CUDA the reduced
     axes must be the trailing ones."""
-    obj, stream = _prepare(x, "mean")
+    obj, stream, owner = _prepare(x, "mean")
     shape = tuple(obj.shape)
     nd = len(shape)
     if math.prod(shape) == 0:
@@ -275,7 +291,7 @@ def mean(x: Any, axis: Union[None, int, Sequence[int]] = None) -> Any:
         obj = np.ascontiguousarray(np.transpose(obj, keep + axes))
     out_shape = tuple(shape[i] for i in keep)
     groups = math.prod(out_shape) if out_shape else 1
-    res = _core._kernels_mean(obj, stream, groups)
+    res = _core._kernels_mean(obj, stream, groups, stream_owner=owner)
     if _is_cuda(obj):
         return _wrap(x, res)  # (groups,) on the device
     if axis is None or not out_shape:
@@ -302,7 +318,7 @@ def congestion_score(depth: Any, *, k: int = 4, canny_thresholds: Tuple[float, f
     With ``return_intermediates=True`` returns ``(score, dict)`` with ``labels``, ``centres``,
     ``normalized``, ``edges`` and, in faithful mode, ``blurred``.
     """
-    obj, stream = _prepare(depth, "congestion_score")
+    obj, stream, owner = _prepare(depth, "congestion_score")
     _check_image_rank(obj, "congestion_score(depth)")
     if mode not in ("fast", "faithful"):
         raise ValueError(f"congestion_score: mode={mode!r} is invalid: expected 'fast' or 'faithful'")
@@ -313,7 +329,7 @@ def congestion_score(depth: Any, *, k: int = 4, canny_thresholds: Tuple[float, f
     scores, inter = _core._kernels_congestion_score(
         obj, stream, _int_arg(k, "congestion_score(k)"), _float_arg(low, "canny low"), _float_arg(high, "canny high"),
         _int_arg(ksize, "congestion_score(ksize)"), _float_arg(sigma, "congestion_score(sigma)"), mode == "fast",
-        bool(return_intermediates))
+        bool(return_intermediates), stream_owner=owner)
     single = len(obj.shape) == 2
     cuda = _is_cuda(obj)
 
@@ -328,3 +344,18 @@ def congestion_score(depth: Any, *, k: int = 4, canny_thresholds: Tuple[float, f
     if not return_intermediates:
         return result
     return result, {name: one(v) for name, v in inter.items()}
+
+
+def memory_stats(device: Any = None) -> dict:
+    """Counters of the CUDA kernels' device memory on ``device`` (the current CUDA device by default):
+    ``backend`` ("pool": gpufleet's own CUDA memory pool, "caching": the tensors' caching allocator where
+    the device has no memory pools or ``GPUFLEET_KERNELS_MEMORY=caching``; "" before the first kernel
+    ran there), ``used_bytes``, ``reserved_bytes``, ``release_threshold`` (bytes the pool keeps across
+    synchronisations), ``live_results`` (results not yet released), ``failed_releases`` (CUDA errors
+    while releasing a result; 0 unless the device failed) and ``held_inputs`` (inputs kept until the
+    kernels reading them have run). ``gpufleet.empty_cache()`` trims the pool."""
+    return _core._kernels_memory_stats(device)
+
+
+# Inputs held for kernels still in flight are released after those kernels, also at exit.
+atexit.register(_core._kernels_release_held)

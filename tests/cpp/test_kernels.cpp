@@ -14,8 +14,10 @@
 #include "kernels/array.h"
 #include "kernels/canny.h"
 #include "kernels/congestion.h"
+#include "kernels/device_memory.h"
 #include "kernels/gaussian_blur.h"
 #include "kernels/kmeans1d.h"
+#include "kernels/launch_shape.h"
 #include "kernels/parallel.h"
 #include "kernels/reduce.h"
 
@@ -319,3 +321,92 @@ TEST(KernelsCongestion, FastEqualsFaithful) {
   EXPECT_THROW(congestion_score(on_gpu, out, args), std::invalid_argument);
 #endif
 }
+
+// ---- CUDA launch shapes and memory backend (host arithmetic: runs without a GPU) ---------------------
+
+namespace {
+
+bool within_limits(const Launch& l) {
+  return l.grid.x >= 1 && l.grid.y >= 1 && l.grid.z >= 1 && l.grid.x <= kMaxGridX && l.grid.y <= kMaxGridYZ &&
+         l.grid.z <= kMaxGridYZ && l.block.x * l.block.y * l.block.z <= 1024 && l.shared <= kMaxShared;
+}
+
+// The kernels' grid-stride loop `for (b = blockIdx; b < count; b += gridDim)`, run for every block:
+// each of `count` items must be visited exactly once.
+void expect_stride_covers(std::int64_t count, unsigned grid, const char* what) {
+  std::vector<std::uint8_t> seen(static_cast<std::size_t>(count), 0);
+  for (std::int64_t block = 0; block < grid; ++block)
+    for (std::int64_t b = block; b < count; b += grid) ++seen[static_cast<std::size_t>(b)];
+  EXPECT_TRUE(std::all_of(seen.begin(), seen.end(), [](std::uint8_t v) { return v == 1; }))
+      << what << ": " << count << " items over a grid of " << grid;
+}
+
+}  // namespace
+
+TEST(KernelsLaunchShape, BatchesPastTheGridLimitsAreCoveredByGridStrideLoops) {
+  // Issue 17 item 3: the CUDA blur refused n*h > 262,140 rows (65,535 row groups of 4), canny,
+  // k-means and the score more than 65,535 images, mean/normalize_minmax more than 65,535 groups.
+  const std::int64_t rows_past_cap = 64LL * 4100;  // 262,400 rows
+  const Launch rows = blur_rows_launch(rows_past_cap, 16, 35);
+  EXPECT_TRUE(within_limits(rows));
+  EXPECT_EQ(rows.grid.y, 65535u);
+  expect_stride_covers(ceil_div(rows_past_cap, kRowThreadsY), rows.grid.y, "blur row groups");
+  EXPECT_TRUE(within_limits(blur_rows_launch(256LL * 1080, 1920, 35)));
+  EXPECT_TRUE(within_limits(blur_rows_launch(1, 1, 1100))) << "the largest radius still tiles in shared memory";
+
+  const std::int64_t images = 65543;
+  for (int r : {0, 35, 1100}) {  // tiled and direct column passes
+    const Launch cols = blur_cols_launch(images, 4, 5, r);
+    EXPECT_TRUE(within_limits(cols)) << "radius " << r;
+    expect_stride_covers(images, cols.grid.z, "blur column images");
+  }
+  EXPECT_FALSE(blur_cols_use_tile(1100));
+  EXPECT_TRUE(blur_cols_use_tile(35));
+
+  const Launch canny = canny_classify_launch(images, 4, 5);
+  EXPECT_TRUE(within_limits(canny));
+  expect_stride_covers(images, canny.grid.z, "canny images");
+  const Launch tall = canny_classify_launch(1, 600000, 3);  // 75,000 tile rows
+  EXPECT_TRUE(within_limits(tall));
+  expect_stride_covers(ceil_div(600000, kCannyTY), tall.grid.y, "canny tile rows");
+
+  // mean over 100,000 groups of 64 values: one block per group and step, 65,535 groups per step.
+  const Launch mean = per_group_launch(100000, 64);
+  EXPECT_TRUE(within_limits(mean));
+  EXPECT_EQ(mean.grid.x, 1u);
+  expect_stride_covers(100000, mean.grid.y, "mean groups");
+  // Partial results are indexed g * grid.x + blockIdx.x: inside the groups * grid.x scratch.
+  const Launch big = per_group_launch(3, 1 << 24);
+  EXPECT_EQ(big.grid.x, static_cast<unsigned>(kBlocksPerGroup));
+  EXPECT_LT((3 - 1) * std::int64_t{big.grid.x} + (big.grid.x - 1), 3 * std::int64_t{big.grid.x});
+  expect_stride_covers(1 << 24, big.grid.x * big.block.x, "values of one group");
+  const Launch flat = flat_launch(std::int64_t{1} << 33);
+  EXPECT_TRUE(within_limits(flat));
+  EXPECT_EQ(grid_dim(0), 1u);  // never an empty grid
+}
+
+TEST(KernelsMemory, PoolFallbackChoice) {
+  // Issue 17 item 11: cudaMallocAsync was used with no fallback for devices without memory pools.
+  EXPECT_EQ(choose_memory_backend(true, nullptr), MemoryBackend::AsyncPool);
+  EXPECT_EQ(choose_memory_backend(false, nullptr), MemoryBackend::Caching);
+  EXPECT_EQ(choose_memory_backend(true, ""), MemoryBackend::AsyncPool);
+  EXPECT_EQ(choose_memory_backend(false, "auto"), MemoryBackend::Caching);
+  EXPECT_EQ(choose_memory_backend(true, "caching"), MemoryBackend::Caching);
+  EXPECT_EQ(choose_memory_backend(true, "pool"), MemoryBackend::AsyncPool);
+  try {
+    choose_memory_backend(false, "pool");
+    FAIL() << "a pool was chosen on a device without memory pools";
+  } catch (const std::invalid_argument& e) {
+    EXPECT_NE(std::string(e.what()).find("cudaDevAttrMemoryPoolsSupported"), std::string::npos) << e.what();
+  }
+  try {
+    choose_memory_backend(true, "Pool ");
+    FAIL() << "a bad GPUFLEET_KERNELS_MEMORY was accepted";
+  } catch (const std::invalid_argument& e) {
+    EXPECT_NE(std::string(e.what()).find("'Pool '"), std::string::npos) << e.what();
+  }
+  EXPECT_STREQ(memory_backend_name(MemoryBackend::AsyncPool), "pool");
+  EXPECT_STREQ(memory_backend_name(MemoryBackend::Caching), "caching");
+  EXPECT_EQ(kPoolReleaseThreshold, ~std::uint64_t{0}) << "the pool keeps its memory across synchronisations";
+}
+

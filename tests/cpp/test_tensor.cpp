@@ -5,6 +5,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <map>
 #include <random>
 #include <set>
 
@@ -369,6 +370,150 @@ TEST(TensorAllocator, ConcurrentChurnKeepsCountsConsistent) {
   EXPECT_EQ(s.num_allocs, s.num_frees);
   EXPECT_GT(s.num_cache_hits, 0u);
   EXPECT_EQ(s.reserved_bytes, s.cached_bytes);
+}
+
+// Events the test completes by hand, standing in for CUDA events (Note [record_stream]).
+struct FakeEvents {
+  std::map<std::uintptr_t, bool> done;  // live events
+  std::vector<std::uintptr_t> recorded_on;  // the stream of each record, in order
+  std::uintptr_t next = 1;
+  int waits = 0;
+  void add_to(CachingAllocator::RawOps& ops) {
+    ops.record_event = [this](std::uintptr_t stream) {
+      recorded_on.push_back(stream);
+      done[next] = false;
+      return next++;
+    };
+    ops.event_done = [this](std::uintptr_t e) { return done.at(e); };
+    ops.event_wait = [this](std::uintptr_t e) {
+      ++waits;
+      done.at(e) = true;
+    };
+    ops.event_release = [this](std::uintptr_t e) { EXPECT_EQ(done.erase(e), 1u) << "event released twice"; };
+  }
+  std::uintptr_t make() {
+    done[next] = false;
+    return next++;
+  }
+  void complete_all() {
+    for (auto& [e, d] : done) d = true;
+  }
+};
+
+TEST(TensorAllocator, RecordStreamKeepsABlockUntilTheOtherStreamsWorkIsDone) {
+  // Item 9 of issue 17: a block allocated on stream 1, used on stream 2 and freed must not serve the
+  // next allocation on stream 1 while stream 2's work may still read it.
+  MallocCounter raw;
+  FakeEvents ev;
+  auto ops = raw.ops();
+  ev.add_to(ops);
+  CachingAllocator a("streams", ops);
+  void* p = a.allocate(4096, /*stream=*/1);
+  a.record_stream(p, 2);
+  a.record_stream(p, 2);  // once per stream
+  a.record_stream(p, 1);  // its own stream: nothing to record
+  a.deallocate(p);
+  ASSERT_EQ(ev.recorded_on, (std::vector<std::uintptr_t>{2}));  // recorded on stream 2 at the free
+  EXPECT_EQ(a.stats().pending_blocks, 1u);
+  EXPECT_EQ(a.stats().pending_bytes, 4096u);
+  void* q = a.allocate(4096, 1);
+  EXPECT_NE(q, p) << "reused while stream 2 may still use it";
+  ev.complete_all();
+  void* r = a.allocate(4096, 1);  // the event completed: back on stream 1's free list, reused
+  EXPECT_EQ(r, p);
+  EXPECT_EQ(a.stats().pending_blocks, 0u);
+  EXPECT_TRUE(ev.done.empty()) << "every event is released once its block is reusable";
+  // A block with a use is waited for by empty_cache(), then released.
+  a.record_stream(r, 3);
+  a.deallocate(r);
+  a.deallocate(q);
+  a.empty_cache();
+  EXPECT_EQ(ev.waits, 1);
+  EXPECT_EQ(a.stats().reserved_bytes, 0u);
+  EXPECT_EQ(raw.live, 0u);
+  EXPECT_THROW(a.record_stream(reinterpret_cast<void*>(0x10), 2), std::invalid_argument);
+}
+
+TEST(TensorAllocator, DeallocateAfterWaitsForTheCallersEvents) {
+  // csrc/kernels' results: the streams may be gone when the block is freed, so the caller hands over
+  // events it recorded while they existed.
+  MallocCounter raw;
+  FakeEvents ev;
+  auto ops = raw.ops();
+  ev.add_to(ops);
+  CachingAllocator a("after", ops);
+  void* p = a.allocate(1000, 5);
+  a.deallocate_after(p, {ev.make(), ev.make()});
+  void* q1 = a.allocate(1000, 5);
+  EXPECT_NE(q1, p);
+  ev.done.begin()->second = true;  // one of the two: still pending
+  void* q2 = a.allocate(1000, 5);
+  EXPECT_NE(q2, p);
+  ev.complete_all();
+  void* p2 = a.allocate(1000, 5);
+  EXPECT_EQ(p2, p);
+  EXPECT_TRUE(ev.done.empty());
+  a.deallocate_after(q1, {});  // no events: cached at once
+  EXPECT_EQ(a.stats().cached_blocks, 1u);
+  a.deallocate(q2);
+  a.deallocate(p2);
+  // Out of memory: pending blocks are waited for and released before the retry.
+  MallocCounter small;
+  small.limit = 2048;
+  auto sops = small.ops();
+  ev.add_to(sops);
+  CachingAllocator b("oom", sops);
+  void* x = b.allocate(1500, 1);
+  b.deallocate_after(x, {ev.make()});
+  void* y = b.allocate(1200, 2);  // another stream, and 1536 + 1536 > 2048: wait, release, retry
+  EXPECT_NE(y, nullptr);
+  EXPECT_EQ(b.stats().num_oom_retries, 1u);
+  EXPECT_EQ(b.stats().pending_blocks, 0u);
+  b.deallocate(y);
+}
+
+TEST(TensorAllocator, AFailingRawFreeNeverLeavesAFreedPointerInTheCache) {
+  // Item 10 of issue 17: cudaFree failing in the middle of releasing the cache (an out-of-memory retry)
+  // used to leave already-freed pointers on the free lists, for the next cache hit to hand out.
+  std::set<void*> freed;
+  void* lost = nullptr;  // the block whose free failed: not freed by the allocator, freed by the test
+  int calls = 0;
+  std::size_t live = 0, limit = 4 * 1024;
+  CachingAllocator::RawOps ops{[&](std::size_t n) -> void* {
+                                 if (live + n > limit) return nullptr;
+                                 live += n;
+                                 void* p = std::malloc(n);
+                                 freed.erase(p);
+                                 return p;
+                               },
+                               [&](void* p, std::size_t n) {
+                                 if (++calls == 2) {
+                                   lost = p;
+                                   throw CudaError("injected cudaFree failure", 719);
+                                 }
+                                 freed.insert(p);
+                                 live -= n;
+                                 std::free(p);
+                               }};
+  CachingAllocator a("failing", ops);
+  std::vector<void*> blocks;
+  for (int i = 0; i < 4; ++i) blocks.push_back(a.allocate(1000, static_cast<std::uintptr_t>(i)));
+  for (void* p : blocks) a.deallocate(p);  // four cached blocks, one per stream: the limit is reached
+  EXPECT_THROW(a.allocate(1000, 9), CudaError);  // the retry empties the cache; the second free fails
+  const auto s = a.stats();
+  EXPECT_EQ(s.cached_blocks, 0u) << "every block left the cache, freed or not";
+  EXPECT_EQ(s.num_raw_free_failures, 1u);
+  EXPECT_EQ(s.num_raw_frees, 3u);
+  EXPECT_EQ(s.reserved_bytes, 0u);
+  for (int stream = 0; stream < 4; ++stream) {
+    void* p = a.allocate(1000, static_cast<std::uintptr_t>(stream));
+    EXPECT_EQ(freed.count(p), 0u) << "handed out memory that was freed";
+    a.deallocate(p);
+  }
+  calls = 100;  // no more failures
+  a.empty_cache();
+  EXPECT_NE(lost, nullptr);
+  std::free(lost);
 }
 
 // ---- pending host work ----------------------------------------------------------------------------
