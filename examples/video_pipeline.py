@@ -30,7 +30,10 @@ import sys
 import tempfile
 import time
 
-import cv2
+from _needs import need
+
+need("cv2")
+import cv2  # noqa: E402
 import numpy as np
 
 import gpufleet

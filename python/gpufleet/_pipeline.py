@@ -31,7 +31,7 @@ import time
 import traceback
 from typing import Any, Callable, Iterable, Optional, Sequence
 
-from . import _core
+from . import _core, _display, _progress
 from ._devices import Device, as_device, device_count, select_devices, topology
 
 _pl = _core.pipeline
@@ -177,6 +177,25 @@ class PipelineReport:
         return (f"PipelineReport(status={self.status!r}, items={self.items}, wall_s={self.wall_s:.3f}, "
                 f"limiting_stage={self.limiting_stage!r}, errors={len(self.errors)})")
 
+    def _repr_html_(self) -> str:
+        """The summary as tables (Note [Rich display]): one row per stage, the limiting one marked."""
+        title = (f"pipeline {self.status} in {self.wall_s:.3f} s, {self.items} items, {len(self.errors)} errors; "
+                 f"limiting stage: {self.limiting_stage or '-'}")
+        rows = []
+        for s in self.stages:
+            w = s.wall_s if s.wall_s > 0 else 1.0
+            rows.append((s.name + (" (limiting)" if s.name == self.limiting_stage else ""), s.workers, s.items_out,
+                         s.batches, f"{s.mean_batch_size:.1f}", f"{100 * s.busy_s / w:.1f}",
+                         f"{100 * s.starved_s / w:.1f}", f"{100 * s.blocked_s / w:.1f}", f"{s.throughput:.1f}",
+                         "; ".join(x for x in (s.note, ", ".join(str(d) for d in s.devices)) if x)))
+        notes = [f"queue {q.name}: capacity {q.capacity}, max depth {q.high_water}" for q in self.queues]
+        notes += [f"error: {e}" for e in self.errors[:5]]
+        if len(self.errors) > 5:
+            notes.append(f"... and {len(self.errors) - 5} more errors")
+        return _display.html_table(("stage", "workers", "items", "batches", "mean batch", "busy %", "starved %",
+                                    "blocked %", "items/s", "notes"), rows, title=title, notes=notes,
+                                   numeric=tuple(range(1, 9)))
+
     def to_chrome_trace(self, path: Optional[str] = None) -> dict:
         """The run as a Chrome trace (chrome://tracing, Perfetto): one track per worker with its
         busy / starved / blocked spans, and counters for every queue's depth. Written to ``path``
@@ -202,15 +221,13 @@ class PipelineReport:
                 json.dump(trace, f)
         return trace
 
-    def plot(self, path: str) -> str:
-        """Saves a figure with throughput (items/s) and queue depth over time per stage."""
-        import matplotlib
-
-        matplotlib.use("Agg", force=False)
-        import matplotlib.pyplot as plt
-
+    def plot(self, path: Optional[str] = None) -> Any:
+        """A figure with throughput (items/s) and queue depth over time per stage. Saved to ``path``
+        (whose path is returned), or, without one, returned as a matplotlib ``Figure`` (shown inline
+        in Jupyter). Needs the ``plot`` extra (matplotlib)."""
+        fig = _display.new_figure("PipelineReport.plot", path, figsize=(9, 6))
         t = self.timeline.get("t_s", [])
-        fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(9, 6), sharex=True)
+        ax1, ax2 = fig.subplots(2, 1, sharex=True)
         # Rates over a sliding window of about a twentieth of the run (at least one sample period).
         win = max(1, len(t) // 20)
         for name, counts in self.timeline.get("items_out", {}).items():
@@ -226,9 +243,7 @@ class PipelineReport:
         ax2.set_xlabel("time (s)")
         ax2.legend(fontsize="small")
         fig.tight_layout()
-        fig.savefig(path)
-        plt.close(fig)
-        return path
+        return _display.finish_figure(fig, path)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -399,8 +414,9 @@ class Pipeline:
     first error; ``"skip"`` records it (stage, index, id, error) and goes on; ``"collect"`` does the
     same and also keeps the failed input in ``ItemError.item``. ``id`` maps a source item to the id
     recorded with its errors. ``queue_size`` overrides every queue's default depth (about two batches
-    per consumer worker). ``progress=True`` shows one live bar per stage with the limiting stage
-    tagged. ``sample_interval`` is the monitor's period in seconds.
+    per consumer worker). ``progress=True`` shows a bar of the items done and a line per stage with
+    the limiting stage tagged (widgets in Jupyter, a bar in a terminal, a plain line every few seconds
+    elsewhere: Note [Progress modes]). ``sample_interval`` is the monitor's period in seconds.
     """
 
     def __init__(self, source: Iterable, *, ordered: bool = False, on_error: str = "raise",
@@ -869,31 +885,34 @@ class _Run:
             if stop.wait(0.5):
                 return
 
-    def _progress(self, stop: threading.Event):
+    def _show_progress(self, stop: threading.Event):
+        """One bar (items through the sink, of the source's length when it has one) and a line per
+        stage (items out, busy %, input queue, the limiting stage tagged), in the mode the output
+        allows (Note [Progress modes]: widgets, terminal bars, or a plain block every few seconds)."""
+        shown = [self.source_stage] + [s for s in self.stages if not (self.internal_sink and s is self.sink_stage)]
         try:
-            from tqdm import tqdm
-        except ImportError:  # pragma: no cover - tqdm is a dependency
-            return
-        all_stats = [self.source_stage] + self.stages
-        bars = [tqdm(total=None, position=i, desc=s.spec.name, unit="it", leave=True, dynamic_ncols=True)
-                for i, s in enumerate(all_stats)]
+            total: Optional[int] = len(self.p._source)  # type: ignore[arg-type]
+        except TypeError:
+            total = None
+        bar = _progress.Bar(total=total, desc=self.p._name, unit="item", status_lines=len(shown))
         try:
             while True:
                 done = stop.wait(0.2)
-                utils = [s.stats.utilization() for s in all_stats]
-                lim = max(range(len(utils)), key=lambda i: utils[i]) if utils else -1
-                for i, (s, bar) in enumerate(zip(all_stats, bars)):
-                    tag = " [bottleneck]" if i == lim and utils[i] > 0 else ""
-                    q = f" q={len(s.in_q)}/{s.in_q.capacity}" if s.in_q is not None else ""
-                    bar.set_description_str(f"{s.spec.name}{tag}", refresh=False)
-                    bar.set_postfix_str(f"busy {100 * utils[i]:.0f}%{q}", refresh=False)
-                    bar.n = s.stats.items_out
-                    bar.refresh()
+                utils = [s.stats.utilization() for s in shown]
+                lim = max(range(len(utils)), key=lambda i: utils[i])
+                for i, s in enumerate(shown):
+                    tag = " [limiting]" if i == lim and utils[i] > 0 else ""
+                    q = f", queue {len(s.in_q)}/{s.in_q.capacity}" if s.in_q is not None else ""
+                    bar.set_line(i, f"{s.spec.name}{tag}: {s.stats.items_out} out, busy {100 * utils[i]:.0f}%{q}")
+                if utils[lim] > 0:
+                    bar.set_postfix_str(f"limiting: {shown[lim].spec.name} (busy {100 * utils[lim]:.0f}%)",
+                                        refresh=False)
+                bar.n = self.sink_stage.stats.items_in
+                bar.refresh()
                 if done:
                     return
         finally:
-            for bar in bars:
-                bar.close()
+            bar.close()
 
     # ---- the run ----------------------------------------------------------------------------------
     def execute(self) -> PipelineReport:
@@ -942,7 +961,7 @@ class _Run:
                 aux.append(threading.Thread(target=self._gpu_sampler, args=(gpu_devices, stop_aux, t0),
                                             daemon=True, name="gf-gpu-sampler"))
             if self.p._progress:
-                aux.append(threading.Thread(target=self._progress, args=(stop_aux,), daemon=True,
+                aux.append(threading.Thread(target=self._show_progress, args=(stop_aux,), daemon=True,
                                             name="gf-progress"))
             for t in aux + self.threads:
                 t.start()

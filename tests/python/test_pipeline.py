@@ -354,10 +354,18 @@ def test_chrome_trace_and_plot(tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_progress_bar_runs(capsys):
-    r = Pipeline(range(30), progress=True).map(lambda x: time.sleep(0.01) or x, workers=1).run()
+def test_progress_in_a_pipe_is_plain_lines(capsys, monkeypatch):
+    # Captured stderr is not a terminal: plain blocks every interval (Note [Progress modes]), each a line
+    # of the items done and a line per stage with the limiting one tagged, never an escape code.
+    monkeypatch.setenv("GPUFLEET_PROGRESS_INTERVAL", "0.1")
+    r = Pipeline(range(30), progress=True, name="demo").map(lambda x: time.sleep(0.01) or x, workers=1).run()
     err = capsys.readouterr().err
-    assert "map:<lambda>" in err and "[bottleneck]" in err
+    assert "\x1b" not in err and "\r" not in err
+    lines = err.splitlines()
+    assert lines[-3].startswith("demo: 30/30 item (100%)"), lines
+    assert lines[-2].startswith("  source: 30 out")
+    assert lines[-1].startswith("  map:<lambda> [limiting]: 30 out, busy") and "queue 0/4" in lines[-1]
+    assert len(lines) > 3  # blocks while it ran, not only the last one
     assert len(r.results) == 30
 
 

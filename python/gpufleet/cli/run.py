@@ -12,7 +12,7 @@ import itertools
 import shlex
 import sys
 
-from .. import _dispatch
+from .. import _dispatch, _extras
 
 
 def register(sub) -> None:
@@ -108,6 +108,12 @@ def main(args) -> int:
         print("gpufleet run: --output is given but the command never uses {output} (the temporary name it must "
               "write)", file=sys.stderr)
         return 2
+    if args.timeline and not args.dry_run:
+        try:  # before any task runs (Note [Optional extras])
+            _extras.require("matplotlib", "plot", "gpufleet run --timeline")
+        except ImportError as e:
+            print(f"gpufleet run: {e}", file=sys.stderr)
+            return 2
     options = dict(gpus=args.gpus, retries=args.retries, timeout=args.timeout, min_free_memory=args.min_free_memory,
                    affinity="hash" if args.affinity == "hash" else None)
     try:
