@@ -25,6 +25,7 @@ import inspect
 import json
 import math
 import multiprocessing
+import os
 import signal
 import threading
 import time
@@ -109,10 +110,11 @@ class QueueReport:
 
 class PipelineReport:
     """What ``Pipeline.run()`` returns: per-stage statistics, the limiting stage, errors, results
-    (when there is no sink), queue depths and throughput over time, GPU samples."""
+    (when there is no sink), queue depths and throughput over time, GPU samples, and the CPU the
+    process used (``cpu_s`` seconds over ``cores`` cores: Note [Saturated CPU])."""
 
     def __init__(self, *, stages, queues, wall_s, limiting_stage, errors, results, timeline, gpu_samples,
-                 status, trace_stats, t0_ns):
+                 status, trace_stats, t0_ns, cpu_s: float = 0.0, cores: int = 1):
         self.stages: list[StageReport] = stages
         self.queues: list[QueueReport] = queues
         self.wall_s: float = wall_s
@@ -122,6 +124,8 @@ class PipelineReport:
         self.timeline: dict = timeline
         self.gpu_samples: list[dict] = gpu_samples
         self.status: str = status  # "completed", "failed" or "interrupted"
+        self.cpu_s: float = cpu_s
+        self.cores: int = cores
         self._trace_stats = trace_stats
         self._t0_ns = t0_ns
 
@@ -136,10 +140,25 @@ class PipelineReport:
         """Items the source produced."""
         return self.stages[0].items_out if self.stages else 0
 
+    @property
+    def cpu_utilization(self) -> float:
+        """CPU time of this process during the run over the time its cores offered (0..1)."""
+        return self.cpu_s / (self.wall_s * self.cores) if self.wall_s > 0 else 0.0
+
+    def _cpu_line(self) -> str:
+        """Note [Saturated CPU]: a stage's busy time includes waiting for a core. When the process keeps
+        every core busy, each stage is slowed by the others, and the busiest one (the "limiting stage")
+        is the one that needs the most CPU, not one with a cost of its own: say so."""
+        line = f"process CPU {self.cpu_s / self.wall_s if self.wall_s > 0 else 0:.2f} of {self.cores} cores"
+        if self.cpu_utilization >= 0.85:
+            line += (" (saturated: stages wait for cores, so busy% includes waiting for the CPU; more workers "
+                     "will not help, less CPU work per item or more cores will)")
+        return line
+
     def summary(self) -> str:
         """A table: one line per stage, the limiting stage marked, GPU samples summarised."""
         lines = [f"pipeline {self.status} in {self.wall_s:.3f} s, {self.items} items, "
-                 f"{len(self.errors)} errors; limiting stage: {self.limiting_stage or '-'}"]
+                 f"{len(self.errors)} errors; limiting stage: {self.limiting_stage or '-'}", self._cpu_line()]
         head = (f"{'stage':<22}{'workers':>7}{'items':>9}{'batches':>8}{'mean b':>7}{'busy%':>7}{'starved%':>9}"
                 f"{'blocked%':>9}{'items/s':>10}")
         lines.append(head)
@@ -188,7 +207,8 @@ class PipelineReport:
                          s.batches, f"{s.mean_batch_size:.1f}", f"{100 * s.busy_s / w:.1f}",
                          f"{100 * s.starved_s / w:.1f}", f"{100 * s.blocked_s / w:.1f}", f"{s.throughput:.1f}",
                          "; ".join(x for x in (s.note, ", ".join(str(d) for d in s.devices)) if x)))
-        notes = [f"queue {q.name}: capacity {q.capacity}, max depth {q.high_water}" for q in self.queues]
+        notes = [self._cpu_line()]
+        notes += [f"queue {q.name}: capacity {q.capacity}, max depth {q.high_water}" for q in self.queues]
         notes += [f"error: {e}" for e in self.errors[:5]]
         if len(self.errors) > 5:
             notes.append(f"... and {len(self.errors) - 5} more errors")
@@ -926,6 +946,7 @@ class _Run:
         gpu_devices: list[Device] = []
         t0_ns = _pl.now_ns()
         t0 = time.monotonic()
+        self.cpu0 = time.process_time()
         status = "completed"
         stop_aux = threading.Event()
         aux: list[threading.Thread] = []
@@ -1007,6 +1028,7 @@ class _Run:
 
     def _report(self, monitor, t0_ns: int, t0: float, status: str) -> PipelineReport:
         wall = time.monotonic() - t0
+        cpu = time.process_time() - self.cpu0  # every thread of this process; process pools' children not
         all_stages = [self.source_stage] + self.stages
         visible = [s for s in all_stages if not (self.internal_sink and s is self.sink_stage)]
         reports = []
@@ -1043,4 +1065,6 @@ class _Run:
                               limiting_stage=visible[lim].spec.name if lim >= 0 else None,
                               errors=sorted(self.errors, key=lambda e: e.index), results=results,
                               timeline=timeline, gpu_samples=list(self.gpu_samples), status=status,
-                              trace_stats=[s.stats for s in visible], t0_ns=t0_ns)
+                              trace_stats=[s.stats for s in visible], t0_ns=t0_ns, cpu_s=cpu,
+                              cores=len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                              else (os.cpu_count() or 1))

@@ -488,3 +488,31 @@ def test_gpu_samples_are_recorded_during_the_run(sim_gpus):
     assert all(s["utilization"] == 37 and s["used_memory"] == 50 * 2**30 for s in r.gpu_samples)
     assert all(s["source"] == "simulated" for s in r.gpu_samples)
     assert "GPU cuda:0 (simulated): utilisation 37% mean" in r.summary()
+
+
+def _burn(seconds: float) -> None:
+    end = time.thread_time() + seconds
+    while time.thread_time() < end:
+        pass
+
+
+def test_report_counts_the_process_cpu():
+    # Note [Saturated CPU]: CPU burnt in the stages is in cpu_s; time asleep is not.
+    busy = Pipeline(range(4)).map(lambda x: _burn(0.05) or x, workers=2).run()
+    assert busy.cpu_s >= 0.2 * 0.9, busy.cpu_s
+    idle = Pipeline(range(4)).map(lambda x: time.sleep(0.05) or x, workers=1).run()
+    assert idle.cpu_s < 0.1 and idle.wall_s >= 0.2 and idle.cpu_utilization < 0.5
+    assert "process CPU" in idle.summary() and "saturated" not in idle.summary()
+
+
+def test_saturated_cpu_is_said_in_the_summary():
+    from gpufleet._pipeline import PipelineReport
+
+    def report(cpu_s):
+        return PipelineReport(stages=[], queues=[], wall_s=1.0, limiting_stage="source", errors=[], results=[],
+                              timeline={}, gpu_samples=[], status="completed", trace_stats=[], t0_ns=0,
+                              cpu_s=cpu_s, cores=2)
+
+    assert "process CPU 1.90 of 2 cores (saturated" in report(1.9).summary()
+    assert "process CPU 1.00 of 2 cores\n" in report(1.0).summary() + "\n"
+    assert "saturated" in report(1.9)._repr_html_()
