@@ -20,12 +20,6 @@ DeviceSelectionError = _core.DeviceSelectionError
 DeviceSelectionTimeout = _core.DeviceSelectionTimeout
 as_device = _core.as_device
 
-# Readable in a REPL and a notebook (Note [Rich display]); the classes are C++, the display is Python.
-Topology.__repr__ = _display.topology_repr
-Topology._repr_html_ = _display.topology_html
-DeviceInfo._repr_html_ = lambda self: _display.devices_html([self])
-
-
 class DeviceList(list):
     """What ``devices()`` returns: a list of ``DeviceInfo`` that shows itself as a table."""
 
