@@ -31,6 +31,9 @@ git ls-files -z --cached --others --exclude-standard | tar --null -T - -cf - | t
 if command -v ccache >/dev/null; then
   export CMAKE_C_COMPILER_LAUNCHER=ccache CMAKE_CXX_COMPILER_LAUNCHER=ccache CMAKE_CUDA_COMPILER_LAUNCHER=ccache
   export CCACHE_BASEDIR="$work/src" CCACHE_NOHASHDIR=1 CCACHE_STATSLOG="$work/ccache-stats.log"
+  # scikit-build-core would take Python's own CC/CXX (sysconfig: gcc, g++); scripts/build.sh lets CMake
+  # pick cc/c++. The same compiler names keep the cache keys equal.
+  export CC=${CC:-cc} CXX=${CXX:-c++}
 fi
 echo "== pip install '.[examples]' -Ccmake.define.GPUFLEET_CUDA=$cuda (fresh venv $work/venv)"
 start=$(date +%s)

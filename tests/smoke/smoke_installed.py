@@ -54,7 +54,7 @@ site = sysconfig.get_paths()["purelib"]
 check("import gpufleet from the venv's site-packages", gpufleet.__file__.startswith(site), gpufleet.__file__)
 pkg = os.path.dirname(gpufleet.__file__)
 check("the compiled core, its stubs and py.typed are installed",
-      all(os.path.exists(os.path.join(pkg, f)) for f in ("_core.pyi", "py.typed"))
+      all(os.path.exists(os.path.join(pkg, f)) for f in ("_core/__init__.pyi", "_core/pipeline.pyi", "py.typed"))
       and gpufleet._core.__file__.startswith(pkg), str(os.listdir(pkg)))
 b = gpufleet.build_info()
 if EXPECT_CUDA is not None:
