@@ -111,10 +111,13 @@ class QueueReport:
 class PipelineReport:
     """What ``Pipeline.run()`` returns: per-stage statistics, the limiting stage, errors, results
     (when there is no sink), queue depths and throughput over time, GPU samples, and the CPU the
-    process used (``cpu_s`` seconds over ``cores`` cores: Note [Saturated CPU])."""
+    process used (``cpu_s`` seconds over ``cores`` cores) and how busy the machine's CPUs were
+    (``machine_busy``, 0..1, every process counted; None where /proc/stat is not there): Note
+    [Saturated CPU]."""
 
     def __init__(self, *, stages, queues, wall_s, limiting_stage, errors, results, timeline, gpu_samples,
-                 status, trace_stats, t0_ns, cpu_s: float = 0.0, cores: int = 1):
+                 status, trace_stats, t0_ns, cpu_s: float = 0.0, cores: int = 1,
+                 machine_busy: Optional[float] = None):
         self.stages: list[StageReport] = stages
         self.queues: list[QueueReport] = queues
         self.wall_s: float = wall_s
@@ -126,6 +129,7 @@ class PipelineReport:
         self.status: str = status  # "completed", "failed" or "interrupted"
         self.cpu_s: float = cpu_s
         self.cores: int = cores
+        self.machine_busy: Optional[float] = machine_busy
         self._trace_stats = trace_stats
         self._t0_ns = t0_ns
 
@@ -146,13 +150,16 @@ class PipelineReport:
         return self.cpu_s / (self.wall_s * self.cores) if self.wall_s > 0 else 0.0
 
     def _cpu_line(self) -> str:
-        """Note [Saturated CPU]: a stage's busy time includes waiting for a core. When the process keeps
-        every core busy, each stage is slowed by the others, and the busiest one (the "limiting stage")
-        is the one that needs the most CPU, not one with a cost of its own: say so."""
+        """Note [Saturated CPU]: a stage's busy time includes waiting for a core. When the cores are all
+        busy (with this process's stages, or with other processes), each stage is slowed by the others,
+        and the busiest one (the "limiting stage") is the one that needs the most CPU, not one with a
+        cost of its own: say so."""
         line = f"process CPU {self.cpu_s / self.wall_s if self.wall_s > 0 else 0:.2f} of {self.cores} cores"
-        if self.cpu_utilization >= 0.85:
+        if self.machine_busy is not None:
+            line += f", machine CPUs {100 * self.machine_busy:.0f}% busy"
+        if self.cpu_utilization >= 0.85 or (self.machine_busy is not None and self.machine_busy >= 0.9):
             line += (" (saturated: stages wait for cores, so busy% includes waiting for the CPU; more workers "
-                     "will not help, less CPU work per item or more cores will)")
+                     "will not help, less CPU work per item, fewer other processes or more cores will)")
         return line
 
     def summary(self) -> str:
@@ -564,6 +571,17 @@ class Pipeline:
         return f"Pipeline({chain})"
 
 
+def _machine_cpu() -> Optional[tuple[int, int]]:
+    """(all, idle) CPU time of the machine in clock ticks, from the first line of /proc/stat (Linux)."""
+    try:
+        with open("/proc/stat") as f:
+            ticks = [int(v) for v in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    # user nice system idle iowait irq softirq steal ...: idle and iowait are the idle time
+    return (sum(ticks[:8]), ticks[3] + ticks[4]) if len(ticks) >= 5 else None
+
+
 def _default_capacity(spec: _Spec) -> int:
     if spec.kind == "batch":
         return 2 * spec.size
@@ -947,6 +965,7 @@ class _Run:
         t0_ns = _pl.now_ns()
         t0 = time.monotonic()
         self.cpu0 = time.process_time()
+        self.machine0 = _machine_cpu()
         status = "completed"
         stop_aux = threading.Event()
         aux: list[threading.Thread] = []
@@ -1029,6 +1048,10 @@ class _Run:
     def _report(self, monitor, t0_ns: int, t0: float, status: str) -> PipelineReport:
         wall = time.monotonic() - t0
         cpu = time.process_time() - self.cpu0  # every thread of this process; process pools' children not
+        m0, m1 = self.machine0, _machine_cpu()
+        machine_busy = None
+        if m0 is not None and m1 is not None and m1[0] > m0[0]:
+            machine_busy = 1.0 - (m1[1] - m0[1]) / (m1[0] - m0[0])
         all_stages = [self.source_stage] + self.stages
         visible = [s for s in all_stages if not (self.internal_sink and s is self.sink_stage)]
         reports = []
@@ -1066,5 +1089,6 @@ class _Run:
                               errors=sorted(self.errors, key=lambda e: e.index), results=results,
                               timeline=timeline, gpu_samples=list(self.gpu_samples), status=status,
                               trace_stats=[s.stats for s in visible], t0_ns=t0_ns, cpu_s=cpu,
+                              machine_busy=machine_busy,
                               cores=len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
                               else (os.cpu_count() or 1))

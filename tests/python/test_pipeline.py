@@ -502,7 +502,9 @@ def test_report_counts_the_process_cpu():
     assert busy.cpu_s >= 0.2 * 0.9, busy.cpu_s
     idle = Pipeline(range(4)).map(lambda x: time.sleep(0.05) or x, workers=1).run()
     assert idle.cpu_s < 0.1 and idle.wall_s >= 0.2 and idle.cpu_utilization < 0.5
-    assert "process CPU" in idle.summary() and "saturated" not in idle.summary()
+    # not saturated by this process: only by others, when they keep the machine's cores busy
+    assert "process CPU" in idle.summary()
+    assert ("saturated" in idle.summary()) == (idle.machine_busy is not None and idle.machine_busy >= 0.9)
 
 
 def test_saturated_cpu_is_said_in_the_summary():
@@ -516,3 +518,17 @@ def test_saturated_cpu_is_said_in_the_summary():
     assert "process CPU 1.90 of 2 cores (saturated" in report(1.9).summary()
     assert "process CPU 1.00 of 2 cores\n" in report(1.0).summary() + "\n"
     assert "saturated" in report(1.9)._repr_html_()
+    busy_machine = report(0.5)
+    busy_machine.machine_busy = 0.97  # other processes hold the cores
+    assert "process CPU 0.50 of 2 cores, machine CPUs 97% busy (saturated" in busy_machine.summary()
+
+
+def test_machine_cpu_is_read_from_proc_stat():
+    from gpufleet._pipeline import _machine_cpu
+
+    r = Pipeline(range(4)).map(lambda x: _burn(0.05) or x).run()
+    if _machine_cpu() is None:  # pragma: no cover - not Linux
+        assert r.machine_busy is None
+    else:
+        # at least this process's own share of the machine was busy
+        assert r.machine_busy is not None and r.cpu_s / (r.wall_s * os.cpu_count()) * 0.8 <= r.machine_busy <= 1.0
