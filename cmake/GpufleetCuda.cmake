@@ -12,6 +12,14 @@ if(NOT _gf_cuda STREQUAL "OFF")
     set(CMAKE_CUDA_COMPILER /usr/local/cuda/bin/nvcc)
   endif()
   check_language(CUDA)
+  if(CMAKE_CUDA_COMPILER AND CMAKE_VERSION VERSION_LESS 3.25.2)
+    # CMake < 3.25.2 does not know that nvcc >= 12 takes -std=c++20 and fails in enable_language with
+    # "requires the language dialect CUDA20"; say what to do instead (pip does it by itself: the
+    # cmake.version range in pyproject.toml makes scikit-build-core fetch a newer CMake).
+    message(FATAL_ERROR "gpufleet: CUDA (GPUFLEET_CUDA=${GPUFLEET_CUDA}, nvcc at ${CMAKE_CUDA_COMPILER}) needs "
+      "CMake >= 3.25.2 for the CUDA20 dialect; this is CMake ${CMAKE_VERSION}. Use a newer CMake "
+      "(pip install 'cmake>=3.25.2') or build without CUDA (-DGPUFLEET_CUDA=OFF).")
+  endif()
   if(CMAKE_CUDA_COMPILER)
     set(GPUFLEET_WITH_CUDA ON)
   elseif(_gf_cuda STREQUAL "ON")

@@ -15,7 +15,10 @@ import argparse
 import time
 import warnings
 
-import cv2
+from _needs import need
+
+need("cv2", "sklearn")
+import cv2  # noqa: E402
 import numpy as np
 
 from gpufleet import kernels as K

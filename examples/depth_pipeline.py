@@ -27,7 +27,10 @@ import sys
 import tempfile
 import time
 
-import cv2
+from _needs import need
+
+need("cv2", "sklearn", "matplotlib")
+import cv2  # noqa: E402
 import numpy as np
 
 import gpufleet

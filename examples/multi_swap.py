@@ -15,6 +15,9 @@ import sys
 import tempfile
 
 import gpufleet
+from _needs import need
+
+need("matplotlib")  # the timeline picture
 
 ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 ap.add_argument("out_dir", nargs="?", default=None)

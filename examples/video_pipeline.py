@@ -15,12 +15,16 @@ decoding or encoding; batch 4 is its sweet spot for inswapper_128. Here:
 against the seed's "default" row: the same steps one frame at a time in one loop. The model: an ONNX
 file given with --model (NCHW float32 input, same-shape output) runs in ONNX Runtime with
 ``gpufleet.onnx.providers(device)`` (TensorRT FP16 with an engine cache, CUDA, CPU: whichever are
-installed); without one, PyTorch (a small fixed conv net, on the GPU when there is one) or a NumPy
-stand-in. Without a --video, a synthetic one (a bright moving "face" on a textured background) is
-written first.
+installed); without one, PyTorch (a small fixed conv net, on the GPU when there is one) or, on a
+machine without a GPU, a SIMULATED DEVICE: a stand-in with the time profile of a device call (a fixed
+cost per call, for the launch and the transfers, plus a cost per frame, spent sleeping outside the
+GIL as a GPU call is, ``--device-call-ms`` and ``--device-ms``), the same stand-in on both sides of the
+comparison. Its output is the inverted, lightly smoothed crop. Without a --video, a synthetic one (a
+bright moving "face" on a textured background) is written first.
 
     python examples/video_pipeline.py [--video in.avi] [--frames 240] [--size 360x640]
                                       [--batch-sizes 1,4,8] [--model swap.onnx] [--out DIR]
+                                      [--device-call-ms 2] [--device-ms 1]
 """
 from __future__ import annotations
 
@@ -30,7 +34,10 @@ import sys
 import tempfile
 import time
 
-import cv2
+from _needs import need
+
+need("cv2")
+import cv2  # noqa: E402
 import numpy as np
 
 import gpufleet
@@ -102,6 +109,10 @@ def paste(item):
     return i, out
 
 
+# The simulated device's time profile (milliseconds): per call, per frame (set by --device-call-ms, --device-ms).
+SIMULATED = {"call_ms": 2.0, "frame_ms": 1.0}
+
+
 def swap_model(device, model_path=None):
     """The batched model for one replica on ``device``: uint8 (N, 128, 128, 3) -> uint8 of the same shape."""
     if model_path:
@@ -139,10 +150,14 @@ def swap_model(device, model_path=None):
         run_torch.backend = f"PyTorch on {dev}"
         return run_torch
 
-    def run_numpy(x):  # a stand-in "swap": colours inverted, then smoothed
-        return np.stack([cv2.GaussianBlur(255 - f, (5, 5), 1.2) for f in x])
-    run_numpy.backend = "NumPy stand-in (no --model, PyTorch not installed)"
-    return run_numpy
+    call_s, frame_s = SIMULATED["call_ms"] / 1e3, SIMULATED["frame_ms"] / 1e3
+
+    def run_simulated(x):  # SIMULATED DEVICE: the time of a device call, spent outside the GIL
+        time.sleep(call_s + frame_s * len(x))
+        return np.stack([cv2.GaussianBlur(255 - f, (5, 5), 1.2) for f in x])  # the "swap": inverted, smoothed
+    run_simulated.backend = (f"SIMULATED DEVICE (no --model, no PyTorch): {SIMULATED['call_ms']:g} ms per call + "
+                             f"{SIMULATED['frame_ms']:g} ms per frame, slept outside the GIL like a GPU call")
+    return run_simulated
 
 
 class VideoSink:
@@ -212,7 +227,19 @@ def main(argv=None) -> int:
     ap.add_argument("--batch-sizes", default="1,4,8", help="comma-separated batch sizes to compare")
     ap.add_argument("--model", help="an ONNX swap model (NCHW float32 in and out)")
     ap.add_argument("--out", help="folder for the output videos (default: a temporary folder)")
+    ap.add_argument("--device-call-ms", type=float, default=SIMULATED["call_ms"],
+                    help="simulated device (no --model, no PyTorch): milliseconds per call (launch, transfers)")
+    ap.add_argument("--device-ms", type=float, default=SIMULATED["frame_ms"],
+                    help="simulated device: milliseconds per frame of a batch")
     args = ap.parse_args(argv)
+    if args.model:
+        try:
+            import onnxruntime  # noqa: F401 - checked before any work
+        except ImportError:
+            ap.error("--model needs ONNX Runtime: pip install 'gpufleet[onnx]' (or onnxruntime-gpu)")
+    if args.device_call_ms < 0 or args.device_ms < 0:
+        ap.error("--device-call-ms and --device-ms must be >= 0")
+    SIMULATED.update(call_ms=args.device_call_ms, frame_ms=args.device_ms)
     try:
         h, w = (int(v) for v in args.size.lower().split("x"))
         sizes = [int(b) for b in args.batch_sizes.split(",")]

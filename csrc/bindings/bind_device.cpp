@@ -14,6 +14,12 @@
 namespace gpufleet::bindings {
 
 namespace {
+
+// Note [Rich display] (gpufleet/_display.py): how a device or the topology shows itself in a REPL or
+// a notebook is written once, in Python, for these C++ classes and the Python reports alike.
+std::string display(const char* fn, py::object arg) {
+  return py::module_::import("gpufleet._display").attr(fn)(arg).cast<std::string>();
+}
 SelectOptions select_options(int n, std::optional<std::uint64_t> min_free_memory,
                              std::optional<double> max_utilization, const std::string& order,
                              std::vector<int> exclude) {
@@ -123,7 +129,9 @@ void bind_device(py::module_& m) {
                            d.ordinal, d.nvml_index, d.name,
                            d.free_memory ? format_memory_size(*d.free_memory) : "None",
                            d.utilization ? std::to_string(*d.utilization) : "None", d.source);
-      });
+      })
+      .def("_repr_html_", [](py::object self) { return display("devices_html", py::make_tuple(self)); },
+           "The device as an HTML table row (Jupyter shows it; Note [Rich display] in gpufleet/_display.py).");
 
   py::class_<Topology>(m, "Topology")
       .def_readonly("source", &Topology::source)
@@ -135,7 +143,11 @@ void bind_device(py::module_& m) {
       .def_readonly("driver_version", &Topology::driver_version)
       .def_readonly("cuda_driver_version", &Topology::cuda_driver_version)
       .def_readonly("notes", &Topology::notes)
-      .def("visible_devices", &Topology::visible_devices);
+      .def("visible_devices", &Topology::visible_devices)
+      .def("__repr__", [](py::object self) { return display("topology_repr", self); },
+           "A summary line and the `gpufleet info` table of every GPU.")
+      .def("_repr_html_", [](py::object self) { return display("topology_html", self); },
+           "The same as an HTML table (Jupyter shows it).");
 
   py::class_<BuildInfo>(m, "BuildInfo")
       .def_readonly("cuda", &BuildInfo::cuda)

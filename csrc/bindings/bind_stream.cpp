@@ -43,7 +43,11 @@ void bind_tensor_streams(py::module_& m) {
   m.def("_set_device_index", &set_current_cuda_index, py::arg("index"));
   m.def("_current_device_index", &current_cuda_index);
 
-  py::class_<Stream>(m, "Stream", "A CUDA stream. Stream(device=None, priority=0) creates a new one.")
+  // Both classes are registered before their methods, which name each other: a signature is written
+  // when its method is defined, and a type not yet registered would show as its C++ name (the stubs).
+  py::class_<Stream> stream_class(m, "Stream", "A CUDA stream. Stream(device=None, priority=0) creates a new one.");
+  py::class_<Event> event_class(m, "Event", "A CUDA event: record it on a stream, wait for it, time between two.");
+  stream_class
       .def(py::init([](py::handle device, int priority) {
              return Stream::create(cuda_index_from_py(device, "Stream"), priority);
            }), py::arg("device") = py::none(), py::arg("priority") = 0)
@@ -64,7 +68,7 @@ void bind_tensor_streams(py::module_& m) {
         return fmt::format("<gpufleet.Stream device=cuda:{} cuda_stream={:#x}>", s.device(), s.handle());
       });
 
-  py::class_<Event>(m, "Event", "A CUDA event: record it on a stream, wait for it, time between two.")
+  event_class
       .def(py::init<bool>(), py::arg("enable_timing") = false)
       .def("record", [](Event& e, std::optional<Stream> s) { e.record(s.value_or(current_stream(current_cuda_index()))); },
            py::arg("stream") = py::none())

@@ -236,7 +236,7 @@ void bind_tensor(py::module_& m) {
       .def_property_readonly("itemsize", [](const PyDType& d) { return itemsize(d.d); })
       .def_property_readonly("is_floating_point", [](const PyDType& d) { return is_floating_point(d.d); })
       .def("__repr__", [](const PyDType& d) { return fmt::format("gpufleet.{}", dtype_name(d.d)); })
-      .def("__reduce__", [](const PyDType& d) {
+      .def("__reduce__", [](const PyDType& d) -> py::tuple {
         return py::make_tuple(py::module_::import("gpufleet").attr("as_dtype"), py::make_tuple(dtype_name(d.d)));
       });
   for (int i = 0; i < kNumDTypes; ++i) {

@@ -20,6 +20,7 @@ from ._tensor import *  # noqa: F401,F403
 from ._dispatch import *  # noqa: F401,F403
 from ._executor import *  # noqa: F401,F403
 from ._pipeline import *  # noqa: F401,F403
+from ._extras import MissingExtraError  # noqa: F401
 from . import kernels, onnx, sinks  # noqa: E402
 
 __all__ = [
@@ -27,6 +28,7 @@ __all__ = [
     "kernels",
     "onnx",
     "sinks",
+    "MissingExtraError",
     *_devices.__all__,
     *_tensor.__all__,
     *_dispatch.__all__,

@@ -9,7 +9,7 @@ import random
 import sys
 from typing import Any, Iterable, Iterator, Optional, Sequence, Union
 
-from . import _core
+from . import _core, _display
 
 Device = _core.Device
 DeviceInfo = _core.DeviceInfo
@@ -20,12 +20,23 @@ DeviceSelectionError = _core.DeviceSelectionError
 DeviceSelectionTimeout = _core.DeviceSelectionTimeout
 as_device = _core.as_device
 
+class DeviceList(list):
+    """What ``devices()`` returns: a list of ``DeviceInfo`` that shows itself as a table."""
+
+    def __repr__(self) -> str:
+        return _display.devices_repr(self)
+
+    def _repr_html_(self) -> str:
+        return _display.devices_html(self)
+
+
 MemorySize = Union[int, str]
 DeviceLike = Union[Device, str, int, Any]
 
 __all__ = [
     "Device",
     "DeviceInfo",
+    "DeviceList",
     "GpuProcess",
     "Topology",
     "CudaError",
@@ -60,9 +71,10 @@ def is_available() -> bool:
     return device_count() > 0
 
 
-def devices() -> list[DeviceInfo]:
-    """The visible GPUs in CUDA ordinal order, read through NVML without creating a CUDA context."""
-    return _core.devices()
+def devices() -> DeviceList:
+    """The visible GPUs in CUDA ordinal order, read through NVML without creating a CUDA context
+    (a list of ``DeviceInfo``, shown as a table in a REPL or a notebook)."""
+    return DeviceList(_core.devices())
 
 
 def topology() -> Topology:

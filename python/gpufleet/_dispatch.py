@@ -19,13 +19,15 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator, Optional, Sequence, Union
 
-from . import _core, _devices, _halt, _progress
+from . import _core, _devices, _display, _halt, _log as _logging, _progress
 from ._dispatch_progress import _Progress
 from ._dispatch_template import JOB_SLOT_MARK as _JOB_SLOT_MARK
 from ._dispatch_template import check_template as _check_template
 from ._dispatch_template import expand as _expand, expand_command as _expand_command
 
 __all__ = ["Task", "TaskRecord", "RunReport", "run", "product"]
+
+_log = _logging.get("dispatch")  # Note [Logging]
 
 PathLike = Union[str, "os.PathLike[str]"]
 _RESERVED_ENV = ("CUDA_VISIBLE_DEVICES", "CUDA_DEVICE_ORDER", "GPUFLEET_TASK_ID", "GPUFLEET_TASK_NAME",
@@ -408,7 +410,33 @@ class RunReport:
         return "\n".join(lines)
 
     def __repr__(self) -> str:
-        return f"<RunReport {self.run_id}: {self.total} tasks, {self.succeeded} succeeded, {self.failed} failed>"
+        c = self.counts
+        return (f"RunReport(run_id={self.run_id!r}, tasks={self.total}, succeeded={c['succeeded']}, "
+                f"failed={self.failed}, skipped={c['skipped']}, not_started={c['not_started']}, "
+                f"wall_time={self.wall_time:.1f}s)")
+
+    def _repr_html_(self) -> str:
+        """The summary as tables (Note [Rich display]): totals, one row per device, failed tasks."""
+        c = self.counts
+        title = (f"gpufleet run {self.run_id}: {self.total} task{'s' if self.total != 1 else ''} in "
+                 f"{self.wall_time:.1f} s: {c['succeeded']} succeeded, {c['failed']} failed, {c['timed_out']} "
+                 f"timed out, {c['cancelled']} cancelled, {c['skipped']} skipped, {c['not_started']} not started")
+        notes = []
+        if self.drained or self.cancelled:
+            notes.append("interrupted: " + ("cancelled" if self.cancelled else "drained (running tasks finished)"))
+        if self.journal:
+            notes.append(f"journal: {self.journal}")
+        rows = [(name, "-" if d["busy"] is None else f"{100 * d['busy']:.1f}%", d["tasks"], d["failures"],
+                 "yes" if d["quarantined"] else "") for name, d in self.devices.items()]
+        out = _display.html_table(("device", "busy", "tasks", "failures", "quarantined"), rows, title=title,
+                                  notes=notes, numeric=(1, 2, 3))
+        failed = self.failed_tasks
+        if failed:
+            out += _display.html_table(
+                ("task", "name", "status", "devices", "message", "log"),
+                [(t.seq + 1, t.name, t.status, ",".join(t.devices), t.message, t.log_path or "") for t in failed[:10]],
+                title=f"failed tasks ({len(failed)}{', first 10' if len(failed) > 10 else ''})")
+        return out
 
     def to_chrome_trace(self, path: PathLike) -> str:
         """Writes the attempts as Chrome trace JSON (Perfetto, chrome://tracing): one process per device,
@@ -430,22 +458,20 @@ class RunReport:
                        "otherData": {"run_id": self.run_id, "tool": "gpufleet"}}, f)
         return path
 
-    def plot_timeline(self, path: PathLike) -> str:
-        """Draws a Gantt chart of every slot of every device (matplotlib, Agg backend). Returns the path."""
-        import matplotlib
-
-        matplotlib.use("Agg", force=False) if "matplotlib.pyplot" not in sys.modules else None
-        import matplotlib.pyplot as plt
-        from matplotlib.patches import Patch
-
-        path = os.fspath(path)
+    def plot_timeline(self, path: Optional[PathLike] = None) -> Any:
+        """A Gantt chart of every slot of every device. Saved to ``path`` (whose path is returned), or,
+        without one, returned as a matplotlib ``Figure`` (shown inline in Jupyter). Needs the ``plot``
+        extra (matplotlib)."""
         rows = [(f"cuda:{d.ordinal}", s) for d in self.pool for s in range(self.slots_per_device)]
         if any(not a.devices for a in self.attempts):
             rows += sorted({("cpu", a.slot) for a in self.attempts if not a.devices})
+        fig = _display.new_figure("RunReport.plot_timeline", path, figsize=(11, 1.2 + 0.35 * max(1, len(rows))))
+        from matplotlib.patches import Patch
+
         index = {r: i for i, r in enumerate(rows)}
         colors = {"succeeded": "#4c9a2a", "failed": "#c0392b", "timed_out": "#e67e22", "cancelled": "#7f8c8d"}
         t0 = min((a.start for a in self.attempts), default=self.started)
-        fig, ax = plt.subplots(figsize=(11, 1.2 + 0.35 * max(1, len(rows))))
+        ax = fig.subplots()
         for a in self.attempts:
             for dev in a.devices or ["cpu"]:
                 i = index.get((dev, a.slot))
@@ -460,9 +486,7 @@ class RunReport:
         ax.set_title(f"gpufleet run {self.run_id}: {self.total} tasks, {self.wall_time:.1f} s")
         ax.legend(handles=[Patch(color=c, label=s) for s, c in colors.items()], loc="upper right", fontsize=7)
         fig.tight_layout()
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        return path
+        return _display.finish_figure(fig, path, dpi=110)
 
 
 # ---- run ---------------------------------------------------------------------------------------
@@ -591,11 +615,10 @@ def run(tasks: Iterable[Union[Task, Sequence[str]]], devices: Any = "auto", slot
                                         ev.attempt, None, None, ev.log_path or None, ""))
             elif kind == "message":
                 report.messages.append(ev.message)
-                text = f"gpufleet: {ev.message}"
                 if bar is not None:
-                    bar.write(text)
+                    bar.write(f"gpufleet: {ev.message}")
                 else:
-                    print(text, file=sys.stderr, flush=True)
+                    _log.warning("%s", ev.message)
             else:
                 if kind == "finished":
                     state["running"].pop(ev.seq, None)
@@ -607,8 +630,7 @@ def run(tasks: Iterable[Union[Task, Sequence[str]]], devices: Any = "auto", slot
                 rec = record(ev, attempts)
                 report._final(rec)
                 if rec.status in ("failed", "timed_out") and bar is None and not quiet:
-                    print(f"gpufleet: task #{rec.number} {rec.name!r} {rec.status}: {rec.message}", file=sys.stderr,
-                          flush=True)
+                    _log.warning("task #%d %r %s: %s", rec.number, rec.name, rec.status, rec.message)
                 if stopper is not None and report.halted is None:
                     when = stopper.update(rec, total)
                     if when is not None:

@@ -3,7 +3,7 @@
 The queues, the per-worker time accounting (busy / starved / blocked), the stage counters and the
 sampling monitor are C++ (csrc/pipeline, ``gpufleet._core.pipeline``); blocking waits release the
 GIL. This module wires stages into threads (and process pools), calls the user's functions, applies
-the error policy, shuts everything down on Ctrl-C or a failing stage, and builds the report.
+the error policy, shuts everything down on Ctrl-C or a failing stage, and builds the report (its classes: _pipeline_report.py).
 
     report = (gpufleet.Pipeline(range(1000), ordered=True)
               .map(decode, workers=4)
@@ -22,16 +22,17 @@ import contextlib
 import dataclasses
 import heapq
 import inspect
-import json
 import math
 import multiprocessing
+import os
 import signal
 import threading
 import time
 import traceback
 from typing import Any, Callable, Iterable, Optional, Sequence
 
-from . import _core
+from . import _core, _progress
+from ._pipeline_report import ItemError, PipelineReport, QueueReport, StageReport, _machine_cpu
 from ._devices import Device, as_device, device_count, select_devices, topology
 
 _pl = _core.pipeline
@@ -51,184 +52,6 @@ class PipelineError(RuntimeError):
     def __init__(self, message: str, report: "PipelineReport | None" = None):
         super().__init__(message)
         self.report = report
-
-
-@dataclasses.dataclass
-class ItemError:
-    """One failed item: the stage, its position in the source (``index``), its id (``id=`` of the
-    Pipeline, else the index), the exception, and with ``on_error="collect"`` the input it failed on."""
-
-    stage: str
-    index: int
-    id: Any
-    error: BaseException
-    traceback: str
-    item: Any = None
-
-    def __str__(self) -> str:
-        return f"stage '{self.stage}', item {self.id!r} (#{self.index}): {type(self.error).__name__}: {self.error}"
-
-
-@dataclasses.dataclass
-class StageReport:
-    """Statistics of one stage. Times are summed over the stage's workers, so for every stage
-    ``busy_s + starved_s + blocked_s == wall_s`` (the workers' summed wall time)."""
-
-    name: str
-    kind: str
-    workers: int
-    items_in: int
-    items_out: int
-    batches: int
-    mean_batch_size: float
-    busy_s: float
-    starved_s: float
-    blocked_s: float
-    wall_s: float
-    utilization: float
-    errors: int
-    devices: list = dataclasses.field(default_factory=list)
-    note: str = ""
-    workers_detail: list = dataclasses.field(default_factory=list)
-
-    @property
-    def throughput(self) -> float:
-        """Items out per second of the run (the stage's first start to its last finish)."""
-        span = max((w["end_ns"] for w in self.workers_detail), default=0) - min(
-            (w["start_ns"] for w in self.workers_detail), default=0)
-        return self.items_out / (span * 1e-9) if span > 0 else 0.0
-
-
-@dataclasses.dataclass
-class QueueReport:
-    name: str
-    capacity: int
-    high_water: int
-    total_put: int
-
-
-class PipelineReport:
-    """What ``Pipeline.run()`` returns: per-stage statistics, the limiting stage, errors, results
-    (when there is no sink), queue depths and throughput over time, GPU samples."""
-
-    def __init__(self, *, stages, queues, wall_s, limiting_stage, errors, results, timeline, gpu_samples,
-                 status, trace_stats, t0_ns):
-        self.stages: list[StageReport] = stages
-        self.queues: list[QueueReport] = queues
-        self.wall_s: float = wall_s
-        self.limiting_stage: Optional[str] = limiting_stage
-        self.errors: list[ItemError] = errors
-        self.results: Optional[list] = results
-        self.timeline: dict = timeline
-        self.gpu_samples: list[dict] = gpu_samples
-        self.status: str = status  # "completed", "failed" or "interrupted"
-        self._trace_stats = trace_stats
-        self._t0_ns = t0_ns
-
-    def stage(self, name: str) -> StageReport:
-        for s in self.stages:
-            if s.name == name:
-                return s
-        raise KeyError(f"no stage named {name!r}; stages: {[s.name for s in self.stages]}")
-
-    @property
-    def items(self) -> int:
-        """Items the source produced."""
-        return self.stages[0].items_out if self.stages else 0
-
-    def summary(self) -> str:
-        """A table: one line per stage, the limiting stage marked, GPU samples summarised."""
-        lines = [f"pipeline {self.status} in {self.wall_s:.3f} s, {self.items} items, "
-                 f"{len(self.errors)} errors; limiting stage: {self.limiting_stage or '-'}"]
-        head = (f"{'stage':<22}{'workers':>7}{'items':>9}{'batches':>8}{'mean b':>7}{'busy%':>7}{'starved%':>9}"
-                f"{'blocked%':>9}{'items/s':>10}")
-        lines.append(head)
-        for s in self.stages:
-            w = s.wall_s if s.wall_s > 0 else 1.0
-            tag = "  <- limiting" if s.name == self.limiting_stage else ""
-            lines.append(
-                f"{s.name[:21]:<22}{s.workers:>7}{s.items_out:>9}{s.batches:>8}{s.mean_batch_size:>7.1f}"
-                f"{100 * s.busy_s / w:>7.1f}{100 * s.starved_s / w:>9.1f}{100 * s.blocked_s / w:>9.1f}"
-                f"{s.throughput:>10.1f}{tag}")
-            if s.note:
-                lines.append(f"{'':<22}note: {s.note}")
-            if s.devices:
-                lines.append(f"{'':<22}devices: {', '.join(str(d) for d in s.devices)}")
-        for q in self.queues:
-            lines.append(f"queue {q.name}: capacity {q.capacity}, max depth {q.high_water}")
-        if self.gpu_samples:
-            by_dev: dict = {}
-            for g in self.gpu_samples:
-                by_dev.setdefault(g["device"], []).append(g)
-            for dev, rows in by_dev.items():
-                util = [r["utilization"] for r in rows if r["utilization"] is not None]
-                mem = [r["used_memory"] for r in rows if r["used_memory"] is not None]
-                u = f"{sum(util) / len(util):.0f}% mean, {max(util)}% max" if util else "n/a"
-                mm = f"{max(mem) / 2**20:.0f} MiB max" if mem else "n/a"
-                lines.append(f"GPU {dev} ({rows[0]['source']}): utilisation {u}; memory used {mm}; "
-                             f"{len(rows)} samples")
-        for e in self.errors[:5]:
-            lines.append(f"error: {e}")
-        if len(self.errors) > 5:
-            lines.append(f"... and {len(self.errors) - 5} more errors")
-        return "\n".join(lines)
-
-    def __repr__(self) -> str:
-        return (f"PipelineReport(status={self.status!r}, items={self.items}, wall_s={self.wall_s:.3f}, "
-                f"limiting_stage={self.limiting_stage!r}, errors={len(self.errors)})")
-
-    def to_chrome_trace(self, path: Optional[str] = None) -> dict:
-        """The run as a Chrome trace (chrome://tracing, Perfetto): one track per worker with its
-        busy / starved / blocked spans, and counters for every queue's depth. Written to ``path``
-        as JSON when given."""
-        events: list[dict] = []
-        for pid_stage, st in enumerate(self._trace_stats):
-            events.append({"ph": "M", "name": "process_name", "pid": pid_stage, "tid": 0,
-                           "args": {"name": f"stage {st.name}"}})
-            for w in range(st.workers):
-                events.append({"ph": "M", "name": "thread_name", "pid": pid_stage, "tid": w,
-                               "args": {"name": f"{st.name} worker {w}"}})
-                for state, start, dur in st.clock(w).spans():
-                    events.append({"ph": "X", "name": state, "cat": state, "pid": pid_stage, "tid": w,
-                                   "ts": (start - self._t0_ns) / 1e3, "dur": dur / 1e3})
-        times = self.timeline.get("t_s", [])
-        for name, values in self.timeline.get("queues", {}).items():
-            for t, v in zip(times, values):
-                events.append({"ph": "C", "name": f"queue {name}", "pid": len(self._trace_stats), "tid": 0,
-                               "ts": t * 1e6 + self.timeline.get("offset_us", 0.0), "args": {"depth": v}})
-        trace = {"traceEvents": events, "displayTimeUnit": "ms"}
-        if path is not None:
-            with open(path, "w") as f:
-                json.dump(trace, f)
-        return trace
-
-    def plot(self, path: str) -> str:
-        """Saves a figure with throughput (items/s) and queue depth over time per stage."""
-        import matplotlib
-
-        matplotlib.use("Agg", force=False)
-        import matplotlib.pyplot as plt
-
-        t = self.timeline.get("t_s", [])
-        fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(9, 6), sharex=True)
-        # Rates over a sliding window of about a twentieth of the run (at least one sample period).
-        win = max(1, len(t) // 20)
-        for name, counts in self.timeline.get("items_out", {}).items():
-            rate = [0.0] + [(counts[i] - counts[max(0, i - win)]) / max(t[i] - t[max(0, i - win)], 1e-9)
-                            for i in range(1, len(t))]
-            ax1.plot(t, rate, label=name + (" (limiting)" if name == self.limiting_stage else ""))
-        ax1.set_ylabel("items/s")
-        ax1.legend(fontsize="small")
-        ax1.set_title(f"pipeline {self.status}: {self.items} items in {self.wall_s:.2f} s")
-        for name, depth in self.timeline.get("queues", {}).items():
-            ax2.step(t, depth, where="post", label=name)
-        ax2.set_ylabel("queue depth")
-        ax2.set_xlabel("time (s)")
-        ax2.legend(fontsize="small")
-        fig.tight_layout()
-        fig.savefig(path)
-        plt.close(fig)
-        return path
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -399,8 +222,9 @@ class Pipeline:
     first error; ``"skip"`` records it (stage, index, id, error) and goes on; ``"collect"`` does the
     same and also keeps the failed input in ``ItemError.item``. ``id`` maps a source item to the id
     recorded with its errors. ``queue_size`` overrides every queue's default depth (about two batches
-    per consumer worker). ``progress=True`` shows one live bar per stage with the limiting stage
-    tagged. ``sample_interval`` is the monitor's period in seconds.
+    per consumer worker). ``progress=True`` shows a bar of the items done and a line per stage with
+    the limiting stage tagged (widgets in Jupyter, a bar in a terminal, a plain line every few seconds
+    elsewhere: Note [Progress modes]). ``sample_interval`` is the monitor's period in seconds.
     """
 
     def __init__(self, source: Iterable, *, ordered: bool = False, on_error: str = "raise",
@@ -869,31 +693,34 @@ class _Run:
             if stop.wait(0.5):
                 return
 
-    def _progress(self, stop: threading.Event):
+    def _show_progress(self, stop: threading.Event):
+        """One bar (items through the sink, of the source's length when it has one) and a line per
+        stage (items out, busy %, input queue, the limiting stage tagged), in the mode the output
+        allows (Note [Progress modes]: widgets, terminal bars, or a plain block every few seconds)."""
+        shown = [self.source_stage] + [s for s in self.stages if not (self.internal_sink and s is self.sink_stage)]
         try:
-            from tqdm import tqdm
-        except ImportError:  # pragma: no cover - tqdm is a dependency
-            return
-        all_stats = [self.source_stage] + self.stages
-        bars = [tqdm(total=None, position=i, desc=s.spec.name, unit="it", leave=True, dynamic_ncols=True)
-                for i, s in enumerate(all_stats)]
+            total: Optional[int] = len(self.p._source)  # type: ignore[arg-type]
+        except TypeError:
+            total = None
+        bar = _progress.Bar(total=total, desc=self.p._name, unit="item", status_lines=len(shown))
         try:
             while True:
                 done = stop.wait(0.2)
-                utils = [s.stats.utilization() for s in all_stats]
-                lim = max(range(len(utils)), key=lambda i: utils[i]) if utils else -1
-                for i, (s, bar) in enumerate(zip(all_stats, bars)):
-                    tag = " [bottleneck]" if i == lim and utils[i] > 0 else ""
-                    q = f" q={len(s.in_q)}/{s.in_q.capacity}" if s.in_q is not None else ""
-                    bar.set_description_str(f"{s.spec.name}{tag}", refresh=False)
-                    bar.set_postfix_str(f"busy {100 * utils[i]:.0f}%{q}", refresh=False)
-                    bar.n = s.stats.items_out
-                    bar.refresh()
+                utils = [s.stats.utilization() for s in shown]
+                lim = max(range(len(utils)), key=lambda i: utils[i])
+                for i, s in enumerate(shown):
+                    tag = " [limiting]" if i == lim and utils[i] > 0 else ""
+                    q = f", queue {len(s.in_q)}/{s.in_q.capacity}" if s.in_q is not None else ""
+                    bar.set_line(i, f"{s.spec.name}{tag}: {s.stats.items_out} out, busy {100 * utils[i]:.0f}%{q}")
+                if utils[lim] > 0:
+                    bar.set_postfix_str(f"limiting: {shown[lim].spec.name} (busy {100 * utils[lim]:.0f}%)",
+                                        refresh=False)
+                bar.n = self.sink_stage.stats.items_in
+                bar.refresh()
                 if done:
                     return
         finally:
-            for bar in bars:
-                bar.close()
+            bar.close()
 
     # ---- the run ----------------------------------------------------------------------------------
     def execute(self) -> PipelineReport:
@@ -907,6 +734,8 @@ class _Run:
         gpu_devices: list[Device] = []
         t0_ns = _pl.now_ns()
         t0 = time.monotonic()
+        self.cpu0 = time.process_time()
+        self.machine0 = _machine_cpu()
         status = "completed"
         stop_aux = threading.Event()
         aux: list[threading.Thread] = []
@@ -942,7 +771,7 @@ class _Run:
                 aux.append(threading.Thread(target=self._gpu_sampler, args=(gpu_devices, stop_aux, t0),
                                             daemon=True, name="gf-gpu-sampler"))
             if self.p._progress:
-                aux.append(threading.Thread(target=self._progress, args=(stop_aux,), daemon=True,
+                aux.append(threading.Thread(target=self._show_progress, args=(stop_aux,), daemon=True,
                                             name="gf-progress"))
             for t in aux + self.threads:
                 t.start()
@@ -988,6 +817,11 @@ class _Run:
 
     def _report(self, monitor, t0_ns: int, t0: float, status: str) -> PipelineReport:
         wall = time.monotonic() - t0
+        cpu = time.process_time() - self.cpu0  # every thread of this process; process pools' children not
+        m0, m1 = self.machine0, _machine_cpu()
+        machine_busy = None
+        if m0 is not None and m1 is not None and m1[0] > m0[0]:
+            machine_busy = 1.0 - (m1[1] - m0[1]) / (m1[0] - m0[0])
         all_stages = [self.source_stage] + self.stages
         visible = [s for s in all_stages if not (self.internal_sink and s is self.sink_stage)]
         reports = []
@@ -1024,4 +858,7 @@ class _Run:
                               limiting_stage=visible[lim].spec.name if lim >= 0 else None,
                               errors=sorted(self.errors, key=lambda e: e.index), results=results,
                               timeline=timeline, gpu_samples=list(self.gpu_samples), status=status,
-                              trace_stats=[s.stats for s in visible], t0_ns=t0_ns)
+                              trace_stats=[s.stats for s in visible], t0_ns=t0_ns, cpu_s=cpu,
+                              machine_busy=machine_busy,
+                              cores=len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                              else (os.cpu_count() or 1))

@@ -15,13 +15,15 @@ TensorRT first (its engines are cached so a restart does not rebuild them), CUDA
 the fallback. The list is validated against ``onnxruntime.get_available_providers()`` when
 onnxruntime is importable: a provider the installed build lacks is left out (``strict=False``) or
 raises ``ValueError`` naming it and what is available (``strict=True``). Without onnxruntime the full
-list is returned unvalidated (``validated_against`` tells which happened).
+list is returned unvalidated (``validated_against`` tells which happened), or, with ``strict=True``,
+``MissingExtraError`` asks for the ``onnx`` extra.
 """
 from __future__ import annotations
 
 import os
 from typing import Any, Optional, Sequence, Union
 
+from . import _extras
 from ._devices import as_device, parse_memory_size
 
 __all__ = ["providers", "available_providers"]
@@ -86,6 +88,8 @@ def providers(device: Any = "cuda", *, tensorrt: bool = True, fp16: bool = True,
         raise ValueError(f"no ONNX Runtime providers for device {dev}")
     wanted.append(CPU)
 
+    if strict and available is None:  # validation asked for: onnxruntime is needed (Note [Optional extras])
+        _extras.require("onnxruntime", "onnx", "gpufleet.onnx.providers(strict=True)")
     avail = list(available) if available is not None else available_providers()
     out = ProviderList()
     out.validated_against = avail

@@ -24,6 +24,8 @@ import threading
 import time
 from typing import Any, Iterable, Mapping, Optional, Sequence, Union
 
+from . import _extras
+
 __all__ = ["SqlSink"]
 
 _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -70,6 +72,29 @@ def _is_sqlite(url: str) -> Optional[str]:
     return None
 
 
+def _check_driver(url: str) -> None:
+    """Imports SQLAlchemy and the URL's driver (``mysql+pymysql`` -> pymysql), or raises naming what to
+    install: a missing package surfaces when the sink is built, not after the pipeline's first batch."""
+    feature = f"SqlSink({url!r})"
+    sa = _extras.require("sqlalchemy", "sql", feature)
+    try:
+        dialect = sa.engine.make_url(url).get_dialect()
+    except sa.exc.NoSuchModuleError as e:  # an ArgumentError: first
+        raise ValueError(f"{feature}: SQLAlchemy has no such dialect or driver: {e}") from None
+    except sa.exc.ArgumentError as e:
+        raise ValueError(f"{feature}: not a database path or an SQLAlchemy URL: {e}") from None
+    load = getattr(dialect, "import_dbapi", None) or dialect.dbapi
+    try:
+        load()
+    except ImportError as e:
+        missing = (e.name or "").split(".")[0]
+        if missing in _extras.EXTRAS["sql"]:
+            raise _extras.MissingExtraError(feature, missing, "sql", str(e)) from e
+        raise ImportError(f"{feature} needs the database driver {missing or dialect.driver!r}, which cannot be "
+                          f"imported ({e}); install it (pip install 'gpufleet[sql]' brings SQLAlchemy and "
+                          f"PyMySQL)", name=e.name) from e
+
+
 class SqlSink:
     """Writes rows (dicts, or sequences in ``columns`` order) to ``table`` as keyed upserts.
 
@@ -113,6 +138,8 @@ class SqlSink:
         self.create = bool(create)
         self.engine_options = dict(engine_options or {})
         self._path = _is_sqlite(url)
+        if self._path is None:
+            _check_driver(url)  # before any work starts (Note [Optional extras])
         self._buffer: list[tuple[tuple, tuple]] = []  # (columns, values) per row
         self._valid_columns: set = set()  # column tuples already checked
         self._first_buffered: Optional[float] = None
@@ -368,11 +395,7 @@ class SqlSink:
 
     # ---- any SQLAlchemy URL ----------------------------------------------------------------------
     def _open_sqlalchemy(self) -> None:
-        try:
-            import sqlalchemy as sa
-        except ImportError:
-            raise ImportError(f"SqlSink({self.url!r}): URLs other than SQLite need SQLAlchemy "
-                              f"(pip install sqlalchemy, plus the driver, e.g. pymysql)") from None
+        sa = _extras.require("sqlalchemy", "sql", f"SqlSink({self.url!r})")
         options = {"pool_pre_ping": True, "pool_recycle": self.pool_recycle}
         options.update(self.engine_options)
         self._engine = sa.create_engine(self.url, **options)

@@ -354,10 +354,18 @@ def test_chrome_trace_and_plot(tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_progress_bar_runs(capsys):
-    r = Pipeline(range(30), progress=True).map(lambda x: time.sleep(0.01) or x, workers=1).run()
+def test_progress_in_a_pipe_is_plain_lines(capsys, monkeypatch):
+    # Captured stderr is not a terminal: plain blocks every interval (Note [Progress modes]), each a line
+    # of the items done and a line per stage with the limiting one tagged, never an escape code.
+    monkeypatch.setenv("GPUFLEET_PROGRESS_INTERVAL", "0.1")
+    r = Pipeline(range(30), progress=True, name="demo").map(lambda x: time.sleep(0.01) or x, workers=1).run()
     err = capsys.readouterr().err
-    assert "map:<lambda>" in err and "[bottleneck]" in err
+    assert "\x1b" not in err and "\r" not in err
+    lines = err.splitlines()
+    assert lines[-3].startswith("demo: 30/30 item (100%)"), lines
+    assert lines[-2].startswith("  source: 30 out")
+    assert lines[-1].startswith("  map:<lambda> [limiting]: 30 out, busy") and "queue 0/4" in lines[-1]
+    assert len(lines) > 3  # blocks while it ran, not only the last one
     assert len(r.results) == 30
 
 
@@ -480,3 +488,47 @@ def test_gpu_samples_are_recorded_during_the_run(sim_gpus):
     assert all(s["utilization"] == 37 and s["used_memory"] == 50 * 2**30 for s in r.gpu_samples)
     assert all(s["source"] == "simulated" for s in r.gpu_samples)
     assert "GPU cuda:0 (simulated): utilisation 37% mean" in r.summary()
+
+
+def _burn(seconds: float) -> None:
+    end = time.thread_time() + seconds
+    while time.thread_time() < end:
+        pass
+
+
+def test_report_counts_the_process_cpu():
+    # Note [Saturated CPU]: CPU burnt in the stages is in cpu_s; time asleep is not.
+    busy = Pipeline(range(4)).map(lambda x: _burn(0.05) or x, workers=2).run()
+    assert busy.cpu_s >= 0.2 * 0.9, busy.cpu_s
+    idle = Pipeline(range(4)).map(lambda x: time.sleep(0.05) or x, workers=1).run()
+    assert idle.cpu_s < 0.1 and idle.wall_s >= 0.2 and idle.cpu_utilization < 0.5
+    # not saturated by this process: only by others, when they keep the machine's cores busy
+    assert "process CPU" in idle.summary()
+    assert ("saturated" in idle.summary()) == (idle.machine_busy is not None and idle.machine_busy >= 0.9)
+
+
+def test_saturated_cpu_is_said_in_the_summary():
+    from gpufleet._pipeline import PipelineReport
+
+    def report(cpu_s):
+        return PipelineReport(stages=[], queues=[], wall_s=1.0, limiting_stage="source", errors=[], results=[],
+                              timeline={}, gpu_samples=[], status="completed", trace_stats=[], t0_ns=0,
+                              cpu_s=cpu_s, cores=2)
+
+    assert "process CPU 1.90 of 2 cores (saturated" in report(1.9).summary()
+    assert "process CPU 1.00 of 2 cores\n" in report(1.0).summary() + "\n"
+    assert "saturated" in report(1.9)._repr_html_()
+    busy_machine = report(0.5)
+    busy_machine.machine_busy = 0.97  # other processes hold the cores
+    assert "process CPU 0.50 of 2 cores, machine CPUs 97% busy (saturated" in busy_machine.summary()
+
+
+def test_machine_cpu_is_read_from_proc_stat():
+    from gpufleet._pipeline import _machine_cpu
+
+    r = Pipeline(range(4)).map(lambda x: _burn(0.05) or x).run()
+    if _machine_cpu() is None:  # pragma: no cover - not Linux
+        assert r.machine_busy is None
+    else:
+        # at least this process's own share of the machine was busy
+        assert r.machine_busy is not None and r.cpu_s / (r.wall_s * os.cpu_count()) * 0.8 <= r.machine_busy <= 1.0

@@ -50,6 +50,7 @@ def test_video_example_writes_every_frame_in_order(tmp_path):
                         "--out", str(tmp_path)], capture_output=True, text=True, timeout=300, env=env)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "serial loop, batch 1" in r.stdout and "pipeline, batch 3" in r.stdout and "<- limiting" in r.stdout
+    assert "model: SIMULATED DEVICE" in r.stdout  # the same labelled stand-in on both sides
     frames = {}
     for name in ("input", "serial", "batch1", "batch3"):
         cap = cv2.VideoCapture(str(tmp_path / f"{name}.avi"))

@@ -21,7 +21,7 @@ import re
 import sys
 from typing import Optional
 
-from .. import _dispatch
+from .. import _dispatch, _extras
 from .._dispatch_template import check_template, max_input_index
 from . import inputs as _inputs
 from ._run_output import JobLog, KeepOrder, command_line
@@ -157,6 +157,11 @@ def main(args) -> int:
                      f"source{'s' if n != 1 else ''} (::: lists, :::: files, -a files; --colsep for columns)")
     if args.jobs is not None and args.slots is not None:
         return _fail("give -j (tasks at a time in all) or --slots (per GPU), not both")
+    if args.timeline and not args.dry_run:
+        try:  # before any task runs (Note [Optional extras])
+            _extras.require("matplotlib", "plot", "gpufleet run --timeline")
+        except ImportError as e:
+            return _fail(str(e))
     options = dict(gpus=args.gpus, retries=args.retries, timeout=args.timeout, min_free_memory=args.min_free_memory,
                    affinity="hash" if args.affinity == "hash" else None)
     try:
