@@ -231,6 +231,9 @@ py::object tensor_dlpack(const Tensor& self, py::object stream, py::object max_v
 }  // namespace
 
 void bind_tensor(py::module_& m) {
+  // Streams and events first: Tensor.record_stream names Stream in its signature, which must be a
+  // registered type when the method is defined (Note [Stubs] in scripts/stubs.sh).
+  bind_tensor_streams(m);
   py::class_<PyDType>(m, "dtype", "A gpufleet element type (gpufleet.float32, gpufleet.bfloat16, ...).")
       .def_property_readonly("name", [](const PyDType& d) { return std::string(dtype_name(d.d)); })
       .def_property_readonly("itemsize", [](const PyDType& d) { return itemsize(d.d); })
@@ -419,7 +422,6 @@ void bind_tensor(py::module_& m) {
       }, py::arg("tensor"), py::arg("devices"));
 
   bind_tensor_dlpack(m);
-  bind_tensor_streams(m);
 }
 
 }  // namespace gpufleet::bindings

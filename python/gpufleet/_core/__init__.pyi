@@ -6,7 +6,6 @@ import builtins
 import collections.abc
 import numpy
 import typing
-import typing_extensions
 from . import pipeline
 __all__: list[str] = ['BuildInfo', 'CudaError', 'Device', 'DeviceInfo', 'DeviceSelectionError', 'DeviceSelectionTimeout', 'Dispatcher', 'Event', 'GpuProcess', 'KernelBuffer', 'PoolDevice', 'Stream', 'Supervisor', 'TaskEvent', 'TaskSpec', 'Tensor', 'Topology', 'as_device', 'as_dtype', 'broadcast', 'build_info', 'cat', 'chunk_sizes', 'clear_simulated_gpus', 'current_stream', 'default_stream', 'device_count', 'devices', 'discover', 'dtype', 'dtype_bfloat16', 'dtype_bool', 'dtype_float16', 'dtype_float32', 'dtype_float64', 'dtype_int16', 'dtype_int32', 'dtype_int64', 'dtype_int8', 'dtype_uint8', 'empty', 'empty_cache', 'explain_selection', 'format_memory_size', 'from_numpy', 'full', 'gather', 'initial_seed', 'kill_marked_processes', 'make_gpu_process', 'make_pool', 'manual_seed', 'memory_stats', 'parse_memory_size', 'parse_simulated_gpus', 'parse_visible_devices', 'pci_bus_key', 'pipeline', 'random_token', 'random_u64', 'reset_peak_memory_stats', 'scatter', 'seed', 'select_devices', 'set_simulated_gpus', 'simulation_origin', 'synchronize', 'update_simulated_gpu']
 class CudaError(RuntimeError):
@@ -158,6 +157,57 @@ class BuildInfo:
     @property
     def cuda_runtime_version(self) -> int | None:
         ...
+class Stream:
+    """
+    A CUDA stream. Stream(device=None, priority=0) creates a new one.
+    """
+    def __eq__(self, arg0: typing.Any) -> bool:
+        ...
+    def __hash__(self) -> int:
+        ...
+    def __init__(self, device: typing.Any = None, priority: typing.SupportsInt | typing.SupportsIndex = 0) -> None:
+        ...
+    def __repr__(self) -> str:
+        ...
+    def query(self) -> bool:
+        ...
+    def record_event(self, event: Event | None = None) -> Event:
+        ...
+    def synchronize(self) -> None:
+        ...
+    def wait_event(self, event: Event) -> None:
+        ...
+    def wait_stream(self, stream: Stream) -> None:
+        ...
+    @property
+    def cuda_stream(self) -> int:
+        """
+        The cudaStream_t as an int (0: the default stream).
+        """
+    @property
+    def device(self) -> Device:
+        ...
+class Event:
+    """
+    A CUDA event: record it on a stream, wait for it, time between two.
+    """
+    def __init__(self, enable_timing: bool = False) -> None:
+        ...
+    def elapsed_time(self, end_event: Event) -> float:
+        """
+        Milliseconds from this event to end_event.
+        """
+    def query(self) -> bool:
+        ...
+    def record(self, stream: Stream | None = None) -> None:
+        ...
+    def synchronize(self) -> None:
+        ...
+    def wait(self, stream: Stream | None = None) -> None:
+        ...
+    @property
+    def recorded(self) -> bool:
+        ...
 class dtype:
     """
     A gpufleet element type (gpufleet.float32, gpufleet.bfloat16, ...).
@@ -183,7 +233,9 @@ class Tensor:
     def __array__(self, dtype: typing.Any = None, copy: builtins.bool | None = None) -> numpy.ndarray:
         ...
     def __dlpack__(self, *, stream: typing.Any = None, max_version: typing.Any = None, dl_device: typing.Any = None, copy: typing.Any = None) -> typing.Any:
-        ...
+        """
+        DLPack export (Note [DLPack export]): a consumer's stream waits for the work queued so far on the current gpufleet stream of the tensor's device, as torch.Tensor.__dlpack__ does with PyTorch's.
+        """
     def __dlpack_device__(self) -> tuple[int, int]:
         ...
     def __getitem__(self, key: typing.Any) -> Tensor:
@@ -238,6 +290,10 @@ class Tensor:
         ...
     def pin_memory(self) -> typing.Any:
         ...
+    def record_stream(self, stream: Stream) -> None:
+        """
+        PyTorch's Tensor.record_stream: the memory is not reused before the work queued on `stream` when the tensor is freed has finished (the stream must still exist then).
+        """
     def reshape(self, *args) -> Tensor:
         ...
     def select(self, dim: typing.SupportsInt | typing.SupportsIndex, index: typing.SupportsInt | typing.SupportsIndex) -> Tensor:
@@ -293,57 +349,6 @@ class Tensor:
         """
         Strides in elements (PyTorch's convention, not NumPy's bytes).
         """
-class Stream:
-    """
-    A CUDA stream. Stream(device=None, priority=0) creates a new one.
-    """
-    def __eq__(self, arg0: typing.Any) -> bool:
-        ...
-    def __hash__(self) -> int:
-        ...
-    def __init__(self, device: typing.Any = None, priority: typing.SupportsInt | typing.SupportsIndex = 0) -> None:
-        ...
-    def __repr__(self) -> str:
-        ...
-    def query(self) -> bool:
-        ...
-    def record_event(self, event: Event | None = None) -> Event:
-        ...
-    def synchronize(self) -> None:
-        ...
-    def wait_event(self, event: Event) -> None:
-        ...
-    def wait_stream(self, stream: Stream) -> None:
-        ...
-    @property
-    def cuda_stream(self) -> int:
-        """
-        The cudaStream_t as an int (0: the default stream).
-        """
-    @property
-    def device(self) -> Device:
-        ...
-class Event:
-    """
-    A CUDA event: record it on a stream, wait for it, time between two.
-    """
-    def __init__(self, enable_timing: bool = False) -> None:
-        ...
-    def elapsed_time(self, end_event: Event) -> float:
-        """
-        Milliseconds from this event to end_event.
-        """
-    def query(self) -> bool:
-        ...
-    def record(self, stream: Stream | None = None) -> None:
-        ...
-    def synchronize(self) -> None:
-        ...
-    def wait(self, stream: Stream | None = None) -> None:
-        ...
-    @property
-    def recorded(self) -> bool:
-        ...
 class TaskSpec:
     def __init__(self, seq: typing.SupportsInt | typing.SupportsIndex, key: str, name: str, argv: collections.abc.Sequence[str], env: collections.abc.Sequence[tuple[str, str]], cwd: str, outputs: collections.abc.Sequence[tuple[str, str]], gpus: typing.SupportsInt | typing.SupportsIndex, min_free_memory: typing.SupportsInt | typing.SupportsIndex, timeout: typing.SupportsFloat | typing.SupportsIndex, retries: typing.SupportsInt | typing.SupportsIndex, affinity: typing.SupportsInt | typing.SupportsIndex) -> None:
         ...
@@ -448,12 +453,18 @@ class KernelBuffer:
     """
     A device array produced by gpufleet.kernels, exported through DLPack (torch.from_dlpack / cupy.from_dlpack / np.from_dlpack accept it).
     """
-    def __dlpack__(self, *, stream: typing.Any = None, max_version: typing.Any = None, dl_device: typing.Any = None, copy: typing.Any = None) -> typing_extensions.CapsuleType:
-        ...
+    def __dlpack__(self, *, stream: typing.Any = None, max_version: typing.Any = None, dl_device: typing.Any = None, copy: typing.Any = None) -> typing.Any:
+        """
+        DLPack export (Note [DLPack export]): the consumer's stream waits for the kernels that wrote this result, whichever thread or stream is current now. dl_device=(1, 0) or copy=True copy on the current gpufleet stream (copy=False raises BufferError where a copy is needed).
+        """
     def __dlpack_device__(self) -> tuple[int, int]:
         ...
     def __repr__(self) -> str:
         ...
+    def record_stream(self, stream: typing.Any) -> None:
+        """
+        Work on `stream` uses this result: its memory is released only after the work queued there by then (Note [Kernel result lifetimes]); the stream must still exist when the result is released.
+        """
     @property
     def device(self) -> Device:
         ...
@@ -469,22 +480,32 @@ def _current_device_index() -> int:
     ...
 def _from_dlpack_capsule(capsule: typing.Any, copy: bool | None = None) -> Tensor:
     ...
-def _kernels_canny(x: typing.Any, stream: typing.SupportsInt | typing.SupportsIndex, low: typing.SupportsFloat | typing.SupportsIndex, high: typing.SupportsFloat | typing.SupportsIndex, l2gradient: bool) -> typing.Any:
+def _inject_cuda_free_failures(count: typing.SupportsInt | typing.SupportsIndex, after: typing.SupportsInt | typing.SupportsIndex = 0) -> None:
+    """
+    Test hook: after `after` successful cudaFree calls of the device allocators, the next `count` fail.
+    """
+def _kernels_canny(x: typing.Any, stream: typing.SupportsInt | typing.SupportsIndex, low: typing.SupportsFloat | typing.SupportsIndex, high: typing.SupportsFloat | typing.SupportsIndex, l2gradient: bool, stream_owner: typing.Any = None) -> typing.Any:
     ...
-def _kernels_congestion_score(x: typing.Any, stream: typing.SupportsInt | typing.SupportsIndex, k: typing.SupportsInt | typing.SupportsIndex, low: typing.SupportsFloat | typing.SupportsIndex, high: typing.SupportsFloat | typing.SupportsIndex, ksize: typing.SupportsInt | typing.SupportsIndex, sigma: typing.SupportsFloat | typing.SupportsIndex, fast: bool, intermediates: bool) -> tuple[typing.Any, dict]:
+def _kernels_congestion_score(x: typing.Any, stream: typing.SupportsInt | typing.SupportsIndex, k: typing.SupportsInt | typing.SupportsIndex, low: typing.SupportsFloat | typing.SupportsIndex, high: typing.SupportsFloat | typing.SupportsIndex, ksize: typing.SupportsInt | typing.SupportsIndex, sigma: typing.SupportsFloat | typing.SupportsIndex, fast: bool, intermediates: bool, stream_owner: typing.Any = None) -> tuple[typing.Any, dict]:
     ...
-def _kernels_gaussian_blur(x: typing.Any, stream: typing.SupportsInt | typing.SupportsIndex, ksize_x: typing.SupportsInt | typing.SupportsIndex, ksize_y: typing.SupportsInt | typing.SupportsIndex, sigma: typing.SupportsFloat | typing.SupportsIndex, sigma_y: typing.SupportsFloat | typing.SupportsIndex, border: str) -> typing.Any:
+def _kernels_gaussian_blur(x: typing.Any, stream: typing.SupportsInt | typing.SupportsIndex, ksize_x: typing.SupportsInt | typing.SupportsIndex, ksize_y: typing.SupportsInt | typing.SupportsIndex, sigma: typing.SupportsFloat | typing.SupportsIndex, sigma_y: typing.SupportsFloat | typing.SupportsIndex, border: str, stream_owner: typing.Any = None) -> typing.Any:
     ...
 def _kernels_is_cuda(arg0: typing.Any) -> bool:
     ...
-def _kernels_kmeans1d(x: typing.Any, stream: typing.SupportsInt | typing.SupportsIndex, k: typing.SupportsInt | typing.SupportsIndex, method: str, sample: typing.SupportsFloat | typing.SupportsIndex, seed: typing.SupportsInt | typing.SupportsIndex | None, n_init: typing.SupportsInt | typing.SupportsIndex, max_iter: typing.SupportsInt | typing.SupportsIndex, tol: typing.SupportsFloat | typing.SupportsIndex, per_image: bool) -> tuple[typing.Any, typing.Any, typing.Any, typing.Any]:
+def _kernels_kmeans1d(x: typing.Any, stream: typing.SupportsInt | typing.SupportsIndex, k: typing.SupportsInt | typing.SupportsIndex, method: str, sample: typing.SupportsFloat | typing.SupportsIndex, seed: typing.SupportsInt | typing.SupportsIndex | None, n_init: typing.SupportsInt | typing.SupportsIndex, max_iter: typing.SupportsInt | typing.SupportsIndex, tol: typing.SupportsFloat | typing.SupportsIndex, per_image: bool, stream_owner: typing.Any = None) -> tuple[typing.Any, typing.Any, typing.Any, typing.Any]:
     ...
-def _kernels_mean(x: typing.Any, stream: typing.SupportsInt | typing.SupportsIndex, groups: typing.SupportsInt | typing.SupportsIndex) -> typing.Any:
+def _kernels_mean(x: typing.Any, stream: typing.SupportsInt | typing.SupportsIndex, groups: typing.SupportsInt | typing.SupportsIndex, stream_owner: typing.Any = None) -> typing.Any:
     ...
-def _kernels_normalize_minmax(x: typing.Any, stream: typing.SupportsInt | typing.SupportsIndex, dtype: str, groups: typing.SupportsInt | typing.SupportsIndex) -> typing.Any:
+def _kernels_memory_stats(device: typing.Any = None) -> dict:
+    ...
+def _kernels_normalize_minmax(x: typing.Any, stream: typing.SupportsInt | typing.SupportsIndex, dtype: str, groups: typing.SupportsInt | typing.SupportsIndex, stream_owner: typing.Any = None) -> typing.Any:
     ...
 def _kernels_num_threads() -> int:
     ...
+def _kernels_release_held() -> None:
+    """
+    Waits for the kernels still reading held inputs and releases them (at interpreter exit).
+    """
 def _kernels_set_num_threads(n: typing.SupportsInt | typing.SupportsIndex) -> None:
     ...
 def _set_current_stream(stream: Stream) -> None:
@@ -523,7 +544,7 @@ def empty(shape: typing.Any, dtype: typing.Any = None, device: typing.Any = None
     ...
 def empty_cache() -> None:
     """
-    Releases every cached (unused) block of the device allocators and the pinned pool.
+    Releases every cached (unused) block of the device allocators and the pinned pool, and trims the kernels' memory pools.
     """
 def explain_selection(n: typing.SupportsInt | typing.SupportsIndex, min_free_memory: typing.SupportsInt | typing.SupportsIndex | None, max_utilization: typing.SupportsFloat | typing.SupportsIndex | None, order: str, exclude: collections.abc.Sequence[typing.SupportsInt | typing.SupportsIndex]) -> tuple[list[int], list[tuple[int, bool, str]]]:
     ...
