@@ -255,6 +255,7 @@ void Dispatcher::Impl::loop() {
     fds.push_back({wake[0], POLLIN, 0});
     fds.push_back({hooks.wake_fd, POLLIN, 0});
     fds.push_back({launcher->fd(), POLLIN, 0});
+    fds.push_back({supervisor->pidfd(), POLLIN, 0});  // -1 (ignored by poll) without pidfds
     for (auto it = running.begin(); it != running.end(); ++it) {
       if (it->launching) continue;  // no pid yet: the launcher's eventfd wakes us
       if (it->deadline > 0 && !it->timed_out) timeout = std::min(timeout, std::max(0.0, it->deadline - now));
@@ -287,12 +288,17 @@ void Dispatcher::Impl::loop() {
       hooks.check_interrupt();
       handle_requests(mono());
     }
-    // output, then exits
+    // Note [No process outlives the dispatcher] in supervisor.cpp: a lost supervisor is replaced
+    // before anything else happens (restart() throws when it cannot be: the run then fails, and
+    // the kill sequence stops every task).
+    if ((n > 0 && (fds[3].revents & POLLIN)) || (supervisor->pidfd() < 0 && supervisor->lost()))
+      message(supervisor->restart());
+    // output, then exits (before launches: Note [Re-runs after a crash] in completion.cpp), then
+    // the launcher's results
     std::vector<std::list<Running>::iterator> exited;
-    if (n > 0 && (fds[2].revents & POLLIN)) collect_launches(false, true);
-    for (std::size_t i = 3; n > 0 && i < fds.size(); ++i) {
+    for (std::size_t i = 4; n > 0 && i < fds.size(); ++i) {
       if (!fds[i].revents) continue;
-      auto it = owners[i - 3];
+      auto it = owners[i - 4];
       if (fds[i].fd == it->child.output_fd) pump_output(*it, false);
       else if (fds[i].fd == it->child.pidfd) exited.push_back(it);
     }
@@ -303,6 +309,7 @@ void Dispatcher::Impl::loop() {
       auto st = reap_group(it->child.pid);
       if (st) finish(it, *st);
     }
+    if (n > 0 && (fds[2].revents & POLLIN)) collect_launches(false, true);
     // timeouts and the kill sequence
     for (auto& r : running) {
       if (r.deadline > 0 && !r.timed_out && now >= r.deadline) {
