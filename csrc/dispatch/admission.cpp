@@ -1,6 +1,9 @@
 // Input and admission: pulling tasks, the resume / skip checks, memory-aware admission and the
 // placement of tasks on slots (Note [Work-conserving queue with affinity]).
+#include <sys/stat.h>
+
 #include <algorithm>
+#include <filesystem>
 
 #include <fmt/format.h>
 
@@ -37,14 +40,34 @@ void Dispatcher::Impl::accept(TaskSpec t) {
                                  devs.size()));
     return;
   }
+  for (const auto& o : t.outputs) {
+    std::int64_t other = claim_output(o.final_path, t.seq);
+    if (other >= 0) {
+      finish_unstarted(t, TaskStatus::Failed,
+                       fmt::format("its output '{}' is also the output of task {}: two tasks would write one file "
+                                   "(make the output name unique per task, e.g. with {{#}} or {{//}})",
+                                   o.final_path, other + 1));
+      return;
+    }
+  }
   auto outputs_exist = [&] {
     for (const auto& o : t.outputs)
       if (!file_exists(o.final_path)) return false;
     return true;
   };
-  if (opt.resume && journal && journal->succeeded(t.key) && outputs_exist()) {
-    finish_unstarted(t, TaskStatus::Skipped, "succeeded in an earlier run (journal) and its outputs exist");
-    return;
+  if (opt.resume && journal) {
+    if (auto e = journal->lookup(t.key)) {
+      if (e->state == "succeeded" && outputs_exist()) {
+        finish_unstarted(t, TaskStatus::Skipped, "succeeded in an earlier run (journal) and its outputs exist");
+        return;
+      }
+      if (e->state == "running" && outputs_renamed_since(t, e->start)) {
+        finish_unstarted(t, TaskStatus::Skipped,
+                         "succeeded in an interrupted run: its outputs were renamed into place after its last attempt "
+                         "started, before the journal recorded its end (Note [Re-runs after a crash])");
+        return;
+      }
+    }
   }
   if (opt.skip_existing && !t.outputs.empty() && outputs_exist()) {
     finish_unstarted(t, TaskStatus::Skipped, "its outputs exist");
@@ -53,6 +76,44 @@ void Dispatcher::Impl::accept(TaskSpec t) {
   Pending p;
   p.spec = std::move(t);
   queue.push_back(std::move(p));
+}
+
+// Note [Output collisions]: two tasks of a run must not write one file (`--output 'out/{/.}.txt'` for
+// a/x.txt and b/x.txt): the later one would replace the earlier one's result, and both wrote the same
+// temporary file at once (a mix of both inputs reached the final name). Three checks:
+// - run() and product() in Python look at every output of a finite task list before anything starts
+//   and refuse the run (the CLI does the same for `:::` inputs);
+// - here, every task claims its outputs when it is pulled (lazy input: before it can start), by
+//   canonical path (symlinked directories, "..", "." resolved as far as the path exists); the later
+//   task fails with a message naming the earlier one. The claims are 128-bit hashes (no path copies:
+//   a run of millions of tasks keeps 16 bytes a claim) and last for the run;
+// - at rename time (completion.cpp) a final name that already holds a file this run produced (same
+//   device and inode) fails the task instead of replacing that file: spellings the canonical path
+//   cannot see (a symlink created during the run, a hard-linked directory tree) are still caught.
+std::int64_t Dispatcher::Impl::claim_output(const std::string& final_path, std::int64_t seq) {
+  std::error_code ec;
+  std::string canon = std::filesystem::weakly_canonical(final_path, ec).string();
+  if (ec) canon = std::filesystem::path(final_path).lexically_normal().string();
+  std::uint64_t fnv = 1469598103934665603ULL;
+  for (unsigned char c : canon) fnv = (fnv ^ c) * 1099511628211ULL;
+  const PathKey key{std::hash<std::string>{}(canon), fnv};
+  auto [it, inserted] = output_claims.emplace(key, seq);
+  return inserted || it->second == seq ? -1 : it->second;
+}
+
+// Whether every declared output of `t` exists and was last written after `start` (Unix seconds):
+// only the rename of a successful attempt puts a file there (the temporary name is removed before
+// each attempt starts), so such a file is that attempt's finished output. File times come from the
+// kernel's coarse clock, up to a tick behind the one that read `start`: 50 ms of slack.
+bool Dispatcher::Impl::outputs_renamed_since(const TaskSpec& t, double start) {
+  if (t.outputs.empty()) return false;
+  for (const auto& o : t.outputs) {
+    struct stat st;
+    if (::stat(o.final_path.c_str(), &st) != 0) return false;
+    const double mtime = static_cast<double>(st.st_mtim.tv_sec) + st.st_mtim.tv_nsec * 1e-9;
+    if (mtime < start - 0.05) return false;
+  }
+  return true;
 }
 
 // ---- memory ------------------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 // Completion: a task's exit status, its atomic outputs (Note [Atomic outputs] in launching.cpp),
 // retries with backoff on another device, quarantine, and the kill sequence.
 #include <signal.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -14,6 +15,24 @@
 
 namespace gpufleet::dispatch {
 
+// Note [Re-runs after a crash]
+// ~~~~~~~~~~~~~~~~~~~~~~~~~~~~
+// A task's success is known to the journal only once finish() commits it. A dispatcher SIGKILLed
+// between the moment a task's process exits and that commit leaves the task recorded as "running",
+// and resume runs it again although its command had completed. An external command gives no earlier
+// sign of success, so the window cannot be closed for every task; it is kept as short as the design
+// allows and closed for tasks that declare outputs:
+// - the loop handles exits right after poll() returns, before the launcher's results and the
+//   events (which take the GIL), and finish() commits before anything else is done for the run
+//   (the kill of a finished group's leftovers and the reaping come before it, both microseconds);
+// - with declared outputs, the rename to the final name comes before the commit, and resume treats
+//   a task recorded "running" whose outputs all exist with a modification time after its last
+//   attempt started as succeeded (admission.cpp): only that attempt's successful end can have put
+//   them there (Note [Atomic outputs]). Its window is then the exit-to-rename interval alone;
+// - the journal commits without fsync (journal.cpp): a commit survives the process, not the OS.
+// What remains (commands without declared outputs, or a kill between exit and rename) may run again:
+// tasks must be idempotent or declare outputs. benchmarks/chaos_bench.py measures the window
+// (exit-to-commit latency) and counts the re-runs under a kill storm; README.md gives the figures.
 void Dispatcher::Impl::finish(std::list<Running>::iterator it, ExitStatus st, std::string why) {
   Running& r = *it;
   if (r.child.pid > 0) {  // reaped by reap_group, which also killed the leftovers of its group
@@ -42,13 +61,27 @@ void Dispatcher::Impl::finish(std::list<Running>::iterator it, ExitStatus st, st
                           o.final_path, o.temp_path);
         break;
       }
+    if (status == TaskStatus::Succeeded)  // Note [Output collisions] in admission.cpp: the last check
+      for (const auto& o : r.spec.outputs) {
+        struct stat st;
+        if (::stat(o.final_path.c_str(), &st) == 0 && produced.count({st.st_dev, st.st_ino})) {
+          status = TaskStatus::Failed;
+          why = fmt::format("its output '{}' is a file another task of this run wrote (the same file under another "
+                            "name): two tasks would write one file; it was left as it was",
+                            o.final_path);
+          break;
+        }
+      }
     if (status == TaskStatus::Succeeded)
-      for (const auto& o : r.spec.outputs)
+      for (const auto& o : r.spec.outputs) {
         if (::rename(o.temp_path.c_str(), o.final_path.c_str()) != 0) {
           status = TaskStatus::Failed;
           why = fmt::format("cannot rename '{}' to '{}': {}", o.temp_path, o.final_path, std::strerror(errno));
           break;
         }
+        struct stat st;
+        if (::stat(o.final_path.c_str(), &st) == 0) produced.insert({st.st_dev, st.st_ino});
+      }
   }
   if (status != TaskStatus::Succeeded)
     for (const auto& o : r.spec.outputs) ::unlink(o.temp_path.c_str());

@@ -39,7 +39,8 @@ void Dispatcher::Impl::start(Pending& p, const std::vector<int>& ds, const std::
   ls.cwd = t.cwd;
   ls.output = opt.output;
   if (opt.output == OutputMode::File) {
-    ls.log_path = (std::filesystem::path(opt.log_dir) / fmt::format("task-{}.attempt-{}.log", t.seq, r.attempt)).string();
+    // GNU parallel's {#}: the task number users see in the summary and the progress (1-based).
+    ls.log_path = (std::filesystem::path(run_log_dir) / fmt::format("task-{}.attempt-{}.log", t.seq + 1, r.attempt)).string();
     r.log_path = ls.log_path;
   }
   ls.env.reserve(base_env.size() + t.env.size() + 8);

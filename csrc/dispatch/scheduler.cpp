@@ -20,6 +20,7 @@
 #include <fmt/format.h>
 
 #include "common/error.h"
+#include "common/printable.h"
 #include "dispatch/scheduler_impl.h"
 
 namespace gpufleet::dispatch {
@@ -147,9 +148,14 @@ RunTotals Dispatcher::Impl::run() {
   cpu_busy.assign(cpu, false);
   if (opt.lookahead == 0) opt.lookahead = 4 * total_slots() + 16;
   if (opt.output == OutputMode::File) {
+    // One directory per run: a later run never appends to (or points its journal at) an earlier
+    // run's file with the same task number.
+    run_log_dir = (std::filesystem::path(opt.log_dir) / run_id).string();
     std::error_code ec;
-    std::filesystem::create_directories(opt.log_dir, ec);
-    if (ec) throw std::runtime_error(fmt::format("cannot create the log directory '{}': {}", opt.log_dir, ec.message()));
+    std::filesystem::create_directories(run_log_dir, ec);
+    if (ec)
+      throw std::invalid_argument(
+          fmt::format("cannot create the log directory '{}': {}", printable(run_log_dir), ec.message()));
   }
   base_env = current_environment(kReservedVars);
   if (!opt.journal_path.empty()) {
@@ -174,13 +180,22 @@ RunTotals Dispatcher::Impl::run() {
     }
     launcher.reset();
     supervisor->close();
-    if (journal) journal->end_run(run_id, "error");
+    if (journal) {
+      try {
+        journal->end_run(run_id, "error");
+      } catch (...) {
+      }
+      journal.reset();
+    }
     throw;
   }
   flush_events(true);
   launcher.reset();
   supervisor->close();
-  if (journal) journal->end_run(run_id, totals.cancelled ? "cancelled" : totals.drained ? "drained" : "finished");
+  if (journal) {
+    journal->end_run(run_id, totals.cancelled ? "cancelled" : totals.drained ? "drained" : "finished");
+    journal.reset();  // closed now, not when the Dispatcher object goes (a host may keep it)
+  }
   return totals;
 }
 
@@ -204,9 +219,16 @@ void Dispatcher::Impl::abort_all() {
       auto st = it->child.pid > 0 ? reap_group(it->child.pid) : std::optional<ExitStatus>(ExitStatus{});
       if (st) {
         auto next = std::next(it);
+        const Running* reaped = &*it;
         try {
           finish(it, *st);
-        } catch (...) {
+        } catch (...) {  // the journal or an event failed before finish() let go of the task: do it here,
+                         // or this loop would wait for it forever
+          for (auto j = running.begin(); j != running.end(); ++j)
+            if (&*j == reaped) {
+              running.erase(j);
+              break;
+            }
         }
         it = next;
       } else {

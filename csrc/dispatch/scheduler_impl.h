@@ -13,7 +13,10 @@
 #include <deque>
 #include <list>
 #include <memory>
+#include <set>
 #include <string>
+#include <unordered_map>
+#include <utility>
 #include <vector>
 
 #include "dispatch/journal.h"
@@ -67,10 +70,22 @@ struct DevState {
   MemoryReading mem;
 };
 
+/// A canonical output path as two independent 64-bit hashes (Note [Output collisions]).
+struct PathKey {
+  std::uint64_t a = 0, b = 0;
+  friend bool operator==(const PathKey&, const PathKey&) = default;
+};
+struct PathKeyHash {
+  std::size_t operator()(const PathKey& k) const noexcept { return static_cast<std::size_t>(k.a ^ (k.b << 1)); }
+};
+
 struct Dispatcher::Impl {
   DispatchOptions opt;
   DispatchHooks hooks;
   std::string token, run_id, marker;
+  std::string run_log_dir;  // <log_dir>/<run_id> with OutputMode::File
+  std::unordered_map<PathKey, std::int64_t, PathKeyHash> output_claims;  // canonical output -> task seq
+  std::set<std::pair<dev_t, ino_t>> produced;                            // outputs this run renamed into place
   std::vector<std::string> base_env;
   std::unique_ptr<Journal> journal;
   std::unique_ptr<Supervisor> supervisor;
@@ -111,6 +126,8 @@ struct Dispatcher::Impl {
   // admission.cpp
   void pull_more();
   void accept(TaskSpec t);
+  std::int64_t claim_output(const std::string& final_path, std::int64_t seq);  // -1, or the other task's seq
+  bool outputs_renamed_since(const TaskSpec& t, double start);
   std::vector<MemoryReading> read_memory();
   void refresh_memory(double now);
   bool memory_fits(int d, std::uint64_t need);

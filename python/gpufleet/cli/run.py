@@ -111,6 +111,8 @@ def main(args) -> int:
     options = dict(gpus=args.gpus, retries=args.retries, timeout=args.timeout, min_free_memory=args.min_free_memory,
                    affinity="hash" if args.affinity == "hash" else None)
     try:
+        if args.output and all(kind == ":::" for kind, _ in sources):  # finite: refuse colliding outputs now
+            _dispatch._check_template_outputs(args.output, _rows(sources, args.glob))
         tasks = _dispatch._template_tasks(template, _rows(sources, args.glob), args.output, args.name, options,
                                           shell=args.shell)
         if args.dry_run:
