@@ -1,6 +1,6 @@
 """SqlSink against a real MariaDB server (the user's MySQL), started privately on loopback:
-keyed upserts, a resumed run, and server-side KILLs of the writer's connection mid-run (no row
-lost, none duplicated)."""
+keyed upserts, a resumed run, server-side KILLs of the writer's connection mid-run and a restart of
+the server mid-run (no row lost, none duplicated)."""
 from __future__ import annotations
 
 import threading
@@ -10,7 +10,7 @@ import pytest
 
 from gpufleet import Pipeline
 from gpufleet.sinks import SqlSink
-from pipeline_helpers.mariadb import mariadb  # noqa: F401  (fixture)
+from pipeline_helpers.mariadb import mariadb, restart_mariadb  # noqa: F401  (fixture)
 
 pytest.importorskip("sqlalchemy")
 
@@ -115,3 +115,37 @@ def test_without_retries_the_kill_is_an_error(mariadb):  # noqa: F811
         assert _count(mariadb, "no_retry_scores")[0] == 100
     # The failed rows stayed buffered; close() wrote them on a fresh connection.
     assert _count(mariadb, "no_retry_scores") == (150, 150, pytest.approx(100 * 1.0 + 50 * 2.0))
+
+
+def test_server_restart_mid_run_is_retried_until_it_is_back(mariadb):  # noqa: F811
+    """Issue 12, item 8: during a restart the reconnect is refused (not a dropped connection): with
+    retries the sink waits for the server instead of failing the pipeline. Last in this module: the
+    server restarts."""
+    n = 3000
+    sink = SqlSink(mariadb.url, "restart_scores", key="id", batch_rows=100, max_delay=None, retries=8,
+                   retry_wait=0.2)
+    restarted = []
+    stop = threading.Event()
+
+    def restarter():
+        while sink.rows_written < 900 and not stop.is_set():
+            time.sleep(0.002)
+        if not stop.is_set():
+            restart_mariadb(mariadb, down_for=1.5)
+            restarted.append(time.monotonic())
+
+    def make_row(i):
+        time.sleep(0.0005)
+        return {"id": i, "score": i * 0.25}
+
+    t = threading.Thread(target=restarter)
+    t.start()
+    try:
+        r = Pipeline(range(n)).map(make_row, workers=4).sink(sink).run()
+    finally:
+        stop.set()
+        t.join()
+    assert restarted and sink.batches_retried >= 1
+    assert r.errors == []
+    assert sink.rows_written == n
+    assert _count(mariadb, "restart_scores") == (n, n, pytest.approx(0.25 * sum(range(n))))
