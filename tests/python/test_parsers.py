@@ -117,3 +117,16 @@ def test_gpufleet_info_reports_a_bad_spec_without_a_traceback():
 def test_huge_device_indices_are_value_errors(make):
     with pytest.raises(ValueError, match=r"device index \d+.*non-negative integer below 1073741824"):
         make()
+
+
+# ---- CUDA_VISIBLE_DEVICES (found by tests/fuzz/fuzz_visible_devices) ------------------------------------
+
+@pytest.mark.parametrize("value, visible", [
+    ("MIG-GPU-00000000/&24,0", []),        # a legacy MIG entry without <gi>/<ci>: invalid, stops
+    ("MIG-GPU-00000000/1/x,0", []),
+    ("MIG-GPU-00000000/1/0,0", [0]),       # the GPU as a MIG instance, then whole: counted once
+    ("0,MIG-GPU-00000000/1/0", [0]),
+])
+def test_a_gpu_is_never_visible_twice(value, visible):
+    uuids = ["GPU-00000000-0000-4000-8000-000000000000", "GPU-11111111-0000-4000-8000-000000000001"]
+    assert gpufleet.parse_visible_devices(value, uuids) == visible
