@@ -45,6 +45,12 @@ Journal::Journal(const std::string& path) : path_(path) {
   try {
     sqlite3_busy_timeout(db_, 5000);
     check_is_journal();  // before anything is written: a file that is not a journal stays untouched
+  } catch (...) {
+    sqlite3_close(db_);
+    db_ = nullptr;
+    throw;
+  }
+  try {
     exec("PRAGMA journal_mode=WAL");
     exec("PRAGMA synchronous=OFF");
     exec("CREATE TABLE IF NOT EXISTS runs(run_id TEXT PRIMARY KEY, started REAL, finished REAL, description TEXT, status TEXT)");
@@ -60,13 +66,17 @@ Journal::Journal(const std::string& path) : path_(path) {
         "attempts=?4,device=?5,slot=?6,start=?7,end=?8,exit_code=?9,signal=?10,outputs=?11,argv=?12,log_path=?13,"
         "message=?14,run_id=?15");
     attempt_ = prepare("INSERT INTO attempts VALUES(?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11)");
-  } catch (...) {
+  } catch (const std::exception& e) {  // a read-only file or directory, a full disk: still the user's input
     sqlite3_finalize(lookup_);
     sqlite3_finalize(upsert_);
     sqlite3_finalize(attempt_);
     sqlite3_close(db_);
     db_ = nullptr;
-    throw;
+    std::string why = e.what();
+    const std::string prefix = fmt::format("journal '{}': ", printable(path));
+    if (why.rfind(prefix, 0) == 0) why.erase(0, prefix.size());
+    throw std::invalid_argument(fmt::format("'{}' cannot be used as a gpufleet journal: {}", printable(path),
+                                            printable(why, 400)));
   }
 }
 
@@ -89,14 +99,14 @@ void Journal::check_is_journal() {
         "'{}' is not a gpufleet journal: {}. A journal is the SQLite file in which gpufleet records every task of "
         "its runs (tables runs, tasks, attempts): give the path of a new file, or the journal of an earlier run to "
         "resume it",
-        printable(path_), why));
+        printable(path_), printable(why, 400)));  // SQLite's messages may quote the damaged schema's bytes
   };
   sqlite3_stmt* s = nullptr;
   if (sqlite3_prepare_v2(db_, "SELECT name FROM sqlite_master WHERE type='table' ORDER BY name", -1, &s, nullptr) !=
       SQLITE_OK) {
     std::string msg = sqlite3_errmsg(db_);
     sqlite3_finalize(s);
-    throw refuse(fmt::format("it is not an SQLite database ({})", msg));
+    throw refuse(fmt::format("it is not a readable SQLite database ({})", msg));
   }
   std::vector<std::string> tables;
   int rc;
@@ -106,8 +116,22 @@ void Journal::check_is_journal() {
   }
   std::string msg = sqlite3_errmsg(db_);
   sqlite3_finalize(s);
-  if (rc != SQLITE_DONE) throw refuse(fmt::format("it is not an SQLite database ({})", msg));
+  if (rc != SQLITE_DONE) throw refuse(fmt::format("it is not a readable SQLite database ({})", msg));
   if (tables.empty()) return;
+  // A damaged database can still list its tables; SQLite would fail on the first write, after this
+  // file had been changed. quick_check reads every page (milliseconds for a journal of 10,000 tasks).
+  {
+    sqlite3_stmt* q = nullptr;
+    std::string result = "ok";
+    if (sqlite3_prepare_v2(db_, "PRAGMA quick_check", -1, &q, nullptr) == SQLITE_OK && sqlite3_step(q) == SQLITE_ROW) {
+      const unsigned char* r = sqlite3_column_text(q, 0);
+      result = r ? reinterpret_cast<const char*>(r) : "";
+    } else {
+      result = sqlite3_errmsg(db_);
+    }
+    sqlite3_finalize(q);
+    if (result != "ok") throw refuse(fmt::format("its SQLite database is damaged ({})", printable(result, 120)));
+  }
   if (std::find(tables.begin(), tables.end(), "runs") == tables.end()) {
     std::string list;
     for (std::size_t i = 0; i < tables.size() && i < 8; ++i) list += (i ? ", " : "") + printable(tables[i], 40);
@@ -136,19 +160,23 @@ Journal::~Journal() {
   sqlite3_close(db_);
 }
 
+std::runtime_error Journal::error(const std::string& what) const {
+  return std::runtime_error(fmt::format("journal '{}': {}", printable(path_), printable(what, 400)));
+}
+
 void Journal::exec(const char* sql) {
   char* err = nullptr;
   if (sqlite3_exec(db_, sql, nullptr, nullptr, &err) != SQLITE_OK) {
     std::string msg = err ? err : "unknown error";
     sqlite3_free(err);
-    throw std::runtime_error(fmt::format("journal '{}': {} (in: {})", path_, msg, sql));
+    throw error(fmt::format("{} (in: {})", msg, sql));
   }
 }
 
 sqlite3_stmt* Journal::prepare(const char* sql) {
   sqlite3_stmt* s = nullptr;
   if (sqlite3_prepare_v2(db_, sql, -1, &s, nullptr) != SQLITE_OK)
-    throw std::runtime_error(fmt::format("journal '{}': {}", path_, sqlite3_errmsg(db_)));
+    throw error(sqlite3_errmsg(db_));
   return s;
 }
 
@@ -159,7 +187,7 @@ void Journal::begin_run(const std::string& run_id, const std::string& descriptio
   bind_text(s, 3, description);
   int rc = sqlite3_step(s);
   sqlite3_finalize(s);
-  if (rc != SQLITE_DONE) throw std::runtime_error(fmt::format("journal '{}': {}", path_, sqlite3_errmsg(db_)));
+  if (rc != SQLITE_DONE) throw error(sqlite3_errmsg(db_));
 }
 
 void Journal::end_run(const std::string& run_id, const std::string& status) {
@@ -216,7 +244,7 @@ void Journal::record_start(const TaskSpec& task, const TaskEvent& ev, const std:
   sqlite3_bind_null(upsert_, 14);
   bind_text(upsert_, 15, run_id);
   if (sqlite3_step(upsert_) != SQLITE_DONE)
-    throw std::runtime_error(fmt::format("journal '{}': {}", path_, sqlite3_errmsg(db_)));
+    throw error(sqlite3_errmsg(db_));
   sqlite3_reset(upsert_);
 }
 
@@ -260,7 +288,7 @@ void Journal::record_finish(const TaskSpec& task, const TaskEvent& ev, const std
   if (rc != SQLITE_DONE || rc2 != SQLITE_DONE) {
     std::string msg = sqlite3_errmsg(db_);
     exec("ROLLBACK");
-    throw std::runtime_error(fmt::format("journal '{}': {}", path_, msg));
+    throw error(msg);
   }
   exec("COMMIT");
 }

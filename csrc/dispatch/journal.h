@@ -4,6 +4,7 @@
 #include <sqlite3.h>
 
 #include <optional>
+#include <stdexcept>
 #include <string>
 #include <vector>
 
@@ -39,6 +40,7 @@ class Journal {
 
  private:
   void check_is_journal();
+  std::runtime_error error(const std::string& what) const;  // "journal '<path>': <what>"
   void exec(const char* sql);
   sqlite3_stmt* prepare(const char* sql);
   std::string path_;

@@ -248,8 +248,12 @@ def test_a_file_that_is_not_a_journal_is_refused_untouched(sim_gpus, tmp_path):
     con.execute("CREATE TABLE users(id INTEGER PRIMARY KEY, name TEXT)")
     con.commit()
     con.close()
+    damaged = tmp_path / "damaged.sqlite"  # found by tests/fuzz/fuzz_journal: SQLite failed in the middle of opening
+    damaged.write_bytes((Path(__file__).parents[1] / "fuzz/crashes/journal/malformed-schema-runtime-error-at-open")
+                        .read_bytes())
     before = {p: p.read_bytes() for p in (notes, other)}
-    for path, why in ((notes, "not an SQLite database"), (other, "has no table 'runs'")):
+    for path, why in ((notes, "not a readable SQLite database"), (other, "has no table 'runs'"),
+                      (damaged, "database disk image is malformed")):
         with pytest.raises(ValueError) as info:
             gpufleet.run([gpufleet.Task(["touch", str(tmp_path / "ran")])], journal=path, quiet=True)
         msg = str(info.value)
@@ -258,7 +262,7 @@ def test_a_file_that_is_not_a_journal_is_refused_untouched(sim_gpus, tmp_path):
         assert r.returncode == 2 and b"Traceback" not in r.stderr and str(path).encode() in r.stderr, r.stderr
     assert not (tmp_path / "ran").exists()
     assert {p: p.read_bytes() for p in before} == before
-    assert sorted(os.listdir(tmp_path)) == ["app.db", "notes.txt"]  # no -wal/-shm left beside them
+    assert sorted(os.listdir(tmp_path)) == ["app.db", "damaged.sqlite", "notes.txt"]  # no -wal/-shm left beside them
 
 
 # ---- 11. resume after a crash between the rename and the journal record --------------------------------
