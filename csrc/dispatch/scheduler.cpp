@@ -25,18 +25,6 @@
 
 namespace gpufleet::dispatch {
 
-const char* status_name(TaskStatus s) {
-  switch (s) {
-    case TaskStatus::Succeeded: return "succeeded";
-    case TaskStatus::Failed: return "failed";
-    case TaskStatus::TimedOut: return "timed_out";
-    case TaskStatus::Cancelled: return "cancelled";
-    case TaskStatus::Skipped: return "skipped";
-    case TaskStatus::NotStarted: return "not_started";
-  }
-  return "unknown";
-}
-
 bool file_exists(const std::string& p) {
   struct stat st;
   return ::stat(p.c_str(), &st) == 0;
