@@ -80,17 +80,23 @@ class Task:
                 raise TypeError(f"every argument of cmd must be a string or a path, got {bad[0]!r} in {cmd!r}")
             if not argv:
                 raise ValueError("cmd must not be empty")
+        for a in argv:  # a C string ends at NUL: the command would silently get a shorter argument
+            if "\0" in (str.replace(a, _MARK, "") if isinstance(a, _OutputSlot) else a):
+                raise ValueError(f"an argument of cmd contains a NUL byte, which no command can receive: {a!r}")
         self.cmd = argv
         self.env = {}
         for k, v in (env or {}).items():
-            if not isinstance(k, str) or not isinstance(v, str) or not k or "=" in k:
-                raise ValueError(f"env must map variable names to strings, got {k!r}: {v!r}")
+            if not isinstance(k, str) or not isinstance(v, str) or not k or "=" in k or "\0" in k + v:
+                raise ValueError(f"env must map variable names (no '=', no NUL) to strings (no NUL), got {k!r}: {v!r}")
             if k in _RESERVED_ENV:
                 raise ValueError(f"env may not set {k}: the dispatcher sets it for each task")
             self.env[k] = v
         self.cwd = None if cwd is None else os.fspath(cwd)
         if isinstance(outputs, (str, os.PathLike)):
             outputs = [outputs]
+        for p in [self.cwd or ""] + [os.fspath(o) for o in outputs]:
+            if "\0" in p:
+                raise ValueError(f"a path contains a NUL byte, which no file name can: {p!r}")
         self.outputs = [os.path.abspath(os.path.join(self.cwd or "", os.fspath(o))) for o in outputs]
         for o in self.outputs:
             size = len(os.fsencode(os.path.basename(o)))
