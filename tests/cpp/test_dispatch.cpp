@@ -53,16 +53,28 @@ struct Collected {
   }
 };
 
-RunTotals run_tasks(std::vector<TaskSpec> tasks, DispatchOptions o, Collected& c,
-                    std::function<std::vector<MemoryReading>()> memory = {}) {
+// Hooks that hand out `tasks` (counting them in `next`) and append the events to `events` under `mu`
+// (the test's thread may read them while the run goes on).
+DispatchHooks list_hooks(const std::vector<TaskSpec>& tasks, std::size_t& next, std::vector<TaskEvent>& events,
+                         std::mutex* mu = nullptr) {
   DispatchHooks h;
-  std::size_t next = 0;
-  h.pull = [&](std::size_t max) {
+  h.pull = [&tasks, &next](std::size_t max) {
     std::vector<TaskSpec> out;
     while (next < tasks.size() && out.size() < max) out.push_back(tasks[next++]);
     return out;
   };
-  h.on_events = [&](std::vector<TaskEvent>& evs) { c.events.insert(c.events.end(), evs.begin(), evs.end()); };
+  h.on_events = [&events, mu](std::vector<TaskEvent>& evs) {
+    std::unique_lock<std::mutex> lk;
+    if (mu) lk = std::unique_lock<std::mutex>(*mu);
+    events.insert(events.end(), evs.begin(), evs.end());
+  };
+  return h;
+}
+
+RunTotals run_tasks(std::vector<TaskSpec> tasks, DispatchOptions o, Collected& c,
+                    std::function<std::vector<MemoryReading>()> memory = {}) {
+  std::size_t next = 0;
+  DispatchHooks h = list_hooks(tasks, next, c.events);
   h.memory = std::move(memory);
   Dispatcher d(std::move(o), std::move(h));
   return d.run();
@@ -484,18 +496,8 @@ TEST(Dispatch, SupervisorIsRenamedAndReplacedWhenKilled) {
   std::mutex mu;
   std::vector<TaskEvent> events;
   std::size_t next = 0;
-  DispatchHooks h;
-  h.pull = [&](std::size_t max) {
-    std::vector<TaskSpec> out;
-    while (next < tasks.size() && out.size() < max) out.push_back(tasks[next++]);
-    return out;
-  };
-  h.on_events = [&](std::vector<TaskEvent>& evs) {
-    std::lock_guard<std::mutex> lk(mu);
-    events.insert(events.end(), evs.begin(), evs.end());
-  };
   o.event_interval_s = 0.01;
-  Dispatcher d(o, std::move(h));
+  Dispatcher d(o, list_hooks(tasks, next, events, &mu));
   RunTotals t;
   std::thread runner([&] { t = d.run(); });
   auto wait_until = [](auto pred) {

@@ -22,27 +22,9 @@ import gpufleet
 
 HELPERS = Path(__file__).parent / "dispatch_helpers"
 sys.path.insert(0, str(HELPERS))
-from proc_utils import wait_gone  # noqa: E402
+from proc_utils import stage_env as _stage_env, wait_for as _wait_for, wait_gone  # noqa: E402
 
 pytestmark = pytest.mark.timeout(120)
-
-
-def _stage_env(**extra) -> dict:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(os.path.dirname(gpufleet.__file__)),
-                                         env.get("PYTHONPATH", "")])
-    env.pop("GPUFLEET_SIMULATED_GPUS", None)
-    env.update(extra)
-    return env
-
-
-def _wait_for(pred, timeout=20.0):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if pred():
-            return True
-        time.sleep(0.02)
-    return False
 
 
 def _cli(*args, cwd=None, env=None, timeout=60):
