@@ -72,7 +72,7 @@ def test_dispatcher_runs(sim_gpus, tmp_path):
     sim_gpus(2)
 
     def case(i):
-        tasks = [gpufleet.Task(["sh", "-c", 'printf x > "$0"; exit $1', "{output}", str(k % 3 == 2)[0] == "T" and "1" or "0"],
+        tasks = [gpufleet.Task(["sh", "-c", 'printf x > "$0"; exit $1', "{output}", "1" if k % 3 == 2 else "0"],
                                outputs=[tmp_path / f"{i}-{k}.txt"]) for k in range(6)]
         tasks.append(gpufleet.Task(["sleep", "5"], timeout=0.2))
         tasks.append(gpufleet.Task(["/no/such/program"]))
