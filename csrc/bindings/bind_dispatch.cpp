@@ -219,6 +219,11 @@ void bind_dispatch(py::module_& m) {
       .def("track", &Supervisor::track, py::arg("pgid"))
       .def("untrack", &Supervisor::untrack, py::arg("pgid"))
       .def("close", &Supervisor::close)
+      // Note [No process outlives the dispatcher]: an owner that watches its supervisor (pidfd readable,
+      // or lost() polled) replaces a killed one with restart(), which returns the message to show.
+      .def("lost", &Supervisor::lost)
+      .def("restart", &Supervisor::restart)
+      .def_property_readonly("pidfd", &Supervisor::pidfd)
       .def_property_readonly("pid", &Supervisor::pid)
       .def_property_readonly("marker", &Supervisor::marker);
   m.def("random_token", &random_token);
