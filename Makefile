@@ -7,8 +7,9 @@ export PYTHONDONTWRITEBYTECODE := 1
 # The CUDA flavour is built with GPUFLEET_CUDA=AUTO: CUDA is compiled in exactly when nvcc is there.
 EXPECT_CUDA := $(if $(or $(shell command -v nvcc),$(wildcard /usr/local/cuda/bin/nvcc)),1,0)
 
-.PHONY: all bootstrap bootstrap-demo build build-nocuda build-asan test test-cpp test-asan test-python test-python-nocuda \
-	test-extra stubs stubs-check typecheck docs notebook pip-smoke demo bench wheel clean
+.PHONY: all bootstrap bootstrap-demo build build-nocuda build-asan build-tsan build-fuzz test test-cpp test-asan \
+	test-tsan test-fuzz test-python test-python-nocuda test-chaos test-extra stubs stubs-check typecheck docs notebook \
+	pip-smoke demo bench wheel clean
 
 all: build
 
@@ -28,11 +29,19 @@ build-nocuda: bootstrap
 build-asan: bootstrap
 	@scripts/build.sh asan
 
-# Every test: C++ (CTest) for both flavours, C++ again under ASan+UBSan, pytest for both flavours; then
-# what a new user meets: the stubs and the type check, the API reference, the quickstart notebook in a
-# real kernel, and `pip install .` into a fresh venv with a smoke run of the installed package.
-test: build build-nocuda build-asan
-	@$(MAKE) --no-print-directory test-cpp test-asan test-python test-python-nocuda test-extra
+build-tsan: bootstrap
+	@scripts/build.sh tsan
+
+build-fuzz: bootstrap
+	@scripts/build.sh fuzz
+
+# Every test: C++ (CTest) for both flavours, C++ again under ASan+UBSan and (the threaded parts) under
+# TSan, the parsers' fuzz reproducers and a time-boxed fuzzing run, pytest for both flavours, the chaos
+# test; then what a new user meets: the stubs and the type check, the API reference, the quickstart
+# notebook in a real kernel, and `pip install .` into a fresh venv with a smoke run of the installed package.
+test: build build-nocuda build-asan build-tsan build-fuzz
+	@$(MAKE) --no-print-directory test-cpp test-asan test-tsan test-fuzz test-python test-python-nocuda test-chaos \
+		test-extra
 	@echo "make test: all suites passed"
 
 test-extra:
@@ -48,6 +57,26 @@ test-asan:
 	@echo "== CTest under AddressSanitizer + UndefinedBehaviorSanitizer =="
 	@cd build/asan && ASAN_OPTIONS=detect_leaks=1:abort_on_error=0 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
 		../../$(VENV)/bin/ctest --output-on-failure -j 2
+
+test-tsan:
+	@echo "== CTest under ThreadSanitizer (dispatcher, journal, pipeline) =="
+	@cd build/tsan && TSAN_OPTIONS=halt_on_error=1:second_deadlock_stack=1 \
+		../../$(VENV)/bin/ctest --output-on-failure -j 2 -R '^(Dispatch|Journal|Pipeline)'
+
+# tests/fuzz/README.md: every committed corpus input and crash reproducer once, then FUZZ_SECONDS of
+# fuzzing per parser (a crash fails the run and is saved under build/fuzz/artifacts/).
+FUZZ_SECONDS ?= 20
+test-fuzz:
+	@echo "== libFuzzer: reproducers, then $(FUZZ_SECONDS) s per parser =="
+	@$(VENV)/bin/cmake -DFUZZ_SECONDS=$(FUZZ_SECONDS) build/fuzz >/dev/null
+	@cd build/fuzz && ../../$(VENV)/bin/ctest --output-on-failure -j 2 -R reproducers
+	@cd build/fuzz && ../../$(VENV)/bin/ctest --output-on-failure -j 2 -R timeboxed
+
+# tests/chaos: a few hundred real tasks under task kills, drain, cancel, dispatcher and supervisor
+# SIGKILLs and resumes (once: it tests the dispatcher, which is the same in both flavours).
+test-chaos:
+	@echo "== chaos test (nocuda flavour) =="
+	@PYTHONPATH=build/nocuda/stage $(PY) -m pytest tests/chaos $(PYTEST_ARGS)
 
 test-python:
 	@echo "== pytest (CUDA compiled in) =="

@@ -3,11 +3,15 @@
 #   cuda    CUDA backends when nvcc is found (GPUFLEET_CUDA=AUTO), Python module + C++ tests
 #   nocuda  GPUFLEET_CUDA=OFF, Python module + C++ tests: the same Python API, zero CUDA devices
 #   asan    GPUFLEET_CUDA=OFF, C++ tests only, AddressSanitizer + UndefinedBehaviorSanitizer
+#   tsan    GPUFLEET_CUDA=OFF, C++ tests only, ThreadSanitizer; only the threaded parts' tests are built
+#           (test_dispatch, test_pipeline: the run loop, launcher threads, supervisor, queues)
+#   fuzz    clang: the libFuzzer targets of the parsers only (tests/fuzz/README.md)
 # BUILD_ROOT (default build) lets several checkouts or people build side by side.
 # The Python package is staged in build/<flavour>/stage (Note [Staged package] in CMakeLists.txt).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-flavour=${1:?usage: scripts/build.sh cuda|nocuda|asan}
+flavour=${1:?usage: scripts/build.sh cuda|nocuda|asan|tsan}
+targets=()
 VENV=${VENV:-.venv}
 dir=${BUILD_ROOT:-build}/$flavour
 jobs=${JOBS:-$(nproc)}
@@ -18,7 +22,14 @@ case "$flavour" in
   asan)   flags=(-DGPUFLEET_CUDA=OFF -DGPUFLEET_BUILD_TESTS=ON -DGPUFLEET_BUILD_PYTHON=OFF
                  -DGPUFLEET_SANITIZE=ON -DCMAKE_BUILD_TYPE=RelWithDebInfo
                  "-DCMAKE_CXX_FLAGS_RELWITHDEBINFO=-O1 -g1") ;;
-  *) echo "unknown flavour '$flavour': expected cuda, nocuda or asan" >&2; exit 2 ;;
+  tsan)   flags=(-DGPUFLEET_CUDA=OFF -DGPUFLEET_BUILD_TESTS=ON -DGPUFLEET_BUILD_PYTHON=OFF
+                 -DGPUFLEET_TSAN=ON -DCMAKE_BUILD_TYPE=RelWithDebInfo "-DCMAKE_CXX_FLAGS_RELWITHDEBINFO=-O1 -g1")
+          targets=(--target test_dispatch test_pipeline) ;;
+  # fuzz: libFuzzer targets of the parsers (tests/fuzz), clang with ASan + UBSan
+  fuzz)   export CC=${FUZZ_CC:-clang} CXX=${FUZZ_CXX:-clang++}
+          flags=(-DGPUFLEET_CUDA=OFF -DGPUFLEET_FUZZ=ON -DGPUFLEET_BUILD_PYTHON=OFF -DCMAKE_BUILD_TYPE=RelWithDebInfo
+                 "-DCMAKE_CXX_FLAGS_RELWITHDEBINFO=-O1 -g1") ;;
+  *) echo "unknown flavour '$flavour': expected cuda, nocuda, asan, tsan or fuzz" >&2; exit 2 ;;
 esac
 # A compiler cache (ccache, from Debian) when there is one: rebuilds after a clean clone or in another
 # checkout reuse the objects (CCACHE_BASEDIR makes the cache keys independent of the checkout's path).
@@ -32,4 +43,4 @@ if [ ! -f "$dir/build.ninja" ]; then
     -DPython_EXECUTABLE="$PWD/$VENV/bin/python" \
     -Dpybind11_DIR="$("$VENV/bin/python" -m pybind11 --cmakedir)" "${flags[@]}" >/dev/null
 fi
-"$VENV/bin/cmake" --build "$dir" -j "$jobs"
+"$VENV/bin/cmake" --build "$dir" -j "$jobs" "${targets[@]}"

@@ -37,21 +37,29 @@ constexpr const char* kAcceptedObjects =
     "with .type and .index such as torch.device";
 }
 
+// A Python int as a device index: any size (Device(2**63) failed in pybind11's cast with "Unable to cast").
+int device_index_from_py(py::handle value) {
+  GF_CHECK_TYPE(PyLong_Check(value.ptr()) && !PyBool_Check(value.ptr()), "a device index must be an int, got {}",
+                py::repr(value).cast<std::string>());
+  int overflow = 0;
+  const long long i = PyLong_AsLongLongAndOverflow(value.ptr(), &overflow);
+  GF_CHECK_ARG(overflow == 0 && i >= 0 && i < (1LL << 30),
+               "invalid device index {}: expected a non-negative integer below 1073741824",
+               py::str(value).cast<std::string>());
+  return static_cast<int>(i);
+}
+
 Device device_from_py(py::handle obj) {
   if (py::isinstance<Device>(obj)) return obj.cast<Device>();
   if (py::isinstance<py::str>(obj)) return Device::parse(obj.cast<std::string>());
   if (py::isinstance<DeviceInfo>(obj)) return obj.cast<const DeviceInfo&>().device();
-  if (PyLong_Check(obj.ptr()) && !PyBool_Check(obj.ptr())) {
-    const long long i = obj.cast<long long>();
-    GF_CHECK_ARG(i >= 0 && i < (1LL << 30), "invalid device index {}: expected a non-negative integer", i);
-    return Device::cuda(static_cast<int>(i));
-  }
+  if (PyLong_Check(obj.ptr()) && !PyBool_Check(obj.ptr())) return Device::cuda(device_index_from_py(obj));
   if (py::hasattr(obj, "type") && py::hasattr(obj, "index")) {
     py::object type = obj.attr("type"), index = obj.attr("index");
     GF_CHECK_TYPE(py::isinstance<py::str>(type), "device object {} has a non-string .type; expected {}",
                   py::repr(obj).cast<std::string>(), kAcceptedObjects);
     Device d = Device::parse(type.cast<std::string>());
-    if (!index.is_none()) d = Device(d.type, index.cast<int>());
+    if (!index.is_none()) d = Device(d.type, device_index_from_py(index));
     return d;
   }
   throw TypeError_(fmt::format("expected a device, got {} of type {}; accepted: {}",
@@ -62,8 +70,10 @@ Device device_from_py(py::handle obj) {
 void bind_device(py::module_& m) {
   py::class_<Device>(m, "Device", "A device: 'cpu', 'cuda' (the current CUDA device) or 'cuda:N'.")
       .def(py::init([](py::object obj) { return device_from_py(obj); }), py::arg("device"))
-      .def(py::init([](const std::string& type, std::optional<int> index) {
+      .def(py::init([](const std::string& type, py::object index_obj) {
              Device d = Device::parse(type);
+             std::optional<int> index;
+             if (!index_obj.is_none()) index = device_index_from_py(index_obj);
              GF_CHECK_ARG(!(d.has_index() && index),
                           "Device('{}', {}): the type string already has an index", type, *index);
              return index ? Device(d.type, *index) : d;

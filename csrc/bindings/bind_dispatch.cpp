@@ -38,8 +38,22 @@ const char* kind_name(EventKind k) {
 }
 
 struct PyDispatcher {
-  std::unique_ptr<Dispatcher> d;
+  std::unique_ptr<Dispatcher> d;  // dropped when run() returns (see "run" below)
+  std::string run_id;
 };
+
+// Names, paths and argv words are bytes on Linux. The Python layer passes them as bytes
+// (os.fsencode); they come back as str with surrogateescape, the way os.fsdecode gives them, so that
+// a file name that is not UTF-8 round-trips instead of failing pybind11's strict decoding.
+py::str fs_str(const std::string& s) {
+  return py::reinterpret_steal<py::str>(
+      PyUnicode_DecodeUTF8(s.data(), static_cast<Py_ssize_t>(s.size()), "surrogateescape"));
+}
+// Messages are read, not reused: undecodable bytes shown as \xNN.
+py::str text_str(const std::string& s) {
+  return py::reinterpret_steal<py::str>(
+      PyUnicode_DecodeUTF8(s.data(), static_cast<Py_ssize_t>(s.size()), "backslashreplace"));
+}
 
 }  // namespace
 
@@ -68,13 +82,17 @@ void bind_dispatch(py::module_& m) {
            py::arg("outputs"), py::arg("gpus"), py::arg("min_free_memory"), py::arg("timeout"), py::arg("retries"),
            py::arg("affinity"))
       .def_readonly("seq", &TaskSpec::seq)
-      .def_readonly("name", &TaskSpec::name)
-      .def_readonly("argv", &TaskSpec::argv);
+      .def_property_readonly("name", [](const TaskSpec& t) { return fs_str(t.name); })
+      .def_property_readonly("argv", [](const TaskSpec& t) {
+        py::list out;
+        for (const auto& a : t.argv) out.append(fs_str(a));
+        return out;
+      });
 
   py::class_<TaskEvent>(m, "TaskEvent")
       .def_property_readonly("kind", [](const TaskEvent& e) { return kind_name(e.kind); })
       .def_readonly("seq", &TaskEvent::seq)
-      .def_readonly("name", &TaskEvent::name)
+      .def_property_readonly("name", [](const TaskEvent& e) { return fs_str(e.name); })
       .def_readonly("attempt", &TaskEvent::attempt)
       .def_readonly("devices", &TaskEvent::devices)
       .def_readonly("slot", &TaskEvent::slot)
@@ -84,8 +102,8 @@ void bind_dispatch(py::module_& m) {
       .def_readonly("exit_code", &TaskEvent::exit_code)
       .def_readonly("signal", &TaskEvent::signal)
       .def_readonly("final", &TaskEvent::final)
-      .def_readonly("log_path", &TaskEvent::log_path)
-      .def_readonly("message", &TaskEvent::message)
+      .def_property_readonly("log_path", [](const TaskEvent& e) { return fs_str(e.log_path); })
+      .def_property_readonly("message", [](const TaskEvent& e) { return text_str(e.message); })
       .def_readonly("pid", &TaskEvent::pid);
 
   py::class_<PoolDevice>(m, "PoolDevice")
@@ -153,6 +171,7 @@ void bind_dispatch(py::module_& m) {
              }
              h.wake_fd = wake_fd;
              self->d = std::make_unique<Dispatcher>(std::move(o), std::move(h));
+             self->run_id = self->d->run_id();
              return self;
            }),
            py::arg("devices"), py::arg("slots_per_device"), py::arg("cpu_slots"), py::arg("quarantine_after"),
@@ -162,11 +181,20 @@ void bind_dispatch(py::module_& m) {
            py::arg("wake_fd") = -1, py::arg("memory") = py::none())
       .def("run",
            [](PyDispatcher& self) {
+             if (!self.d) throw std::logic_error("a Dispatcher runs once");
              RunTotals t;
-             {
+             // The hooks hold the Python callbacks, which usually reference this object: a cycle
+             // through C++ that Python's collector cannot see. Dropping the Dispatcher (with the GIL,
+             // since that releases Python objects) as soon as the run ends breaks it, so the run's
+             // descriptors (wake pipe, and the journal it already closed) go now, not never.
+             try {
                py::gil_scoped_release nogil;
                t = self.d->run();
+             } catch (...) {
+               self.d.reset();
+               throw;
              }
+             self.d.reset();
              py::dict out;
              out["succeeded"] = t.succeeded;
              out["failed"] = t.failed;
@@ -179,10 +207,10 @@ void bind_dispatch(py::module_& m) {
              out["run_id"] = t.run_id;
              return out;
            })
-      .def("interrupt", [](PyDispatcher& self) { self.d->interrupt(); })
-      .def("drain", [](PyDispatcher& self) { self.d->drain(); })
-      .def("cancel", [](PyDispatcher& self) { self.d->cancel(); })
-      .def_property_readonly("run_id", [](PyDispatcher& self) { return self.d->run_id(); });
+      .def("interrupt", [](PyDispatcher& self) { if (self.d) self.d->interrupt(); })
+      .def("drain", [](PyDispatcher& self) { if (self.d) self.d->drain(); })
+      .def("cancel", [](PyDispatcher& self) { if (self.d) self.d->cancel(); })
+      .def_property_readonly("run_id", [](PyDispatcher& self) { return self.run_id; });
 
   // The executor and spawn launcher own their processes in Python (multiprocessing) but share the
   // same reaper: see Note [No process outlives the dispatcher] in dispatch/supervisor.cpp.
@@ -191,6 +219,11 @@ void bind_dispatch(py::module_& m) {
       .def("track", &Supervisor::track, py::arg("pgid"))
       .def("untrack", &Supervisor::untrack, py::arg("pgid"))
       .def("close", &Supervisor::close)
+      // Note [No process outlives the dispatcher]: an owner that watches its supervisor (pidfd readable,
+      // or lost() polled) replaces a killed one with restart(), which returns the message to show.
+      .def("lost", &Supervisor::lost)
+      .def("restart", &Supervisor::restart)
+      .def_property_readonly("pidfd", &Supervisor::pidfd)
       .def_property_readonly("pid", &Supervisor::pid)
       .def_property_readonly("marker", &Supervisor::marker);
   m.def("random_token", &random_token);

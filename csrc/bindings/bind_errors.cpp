@@ -1,9 +1,26 @@
 // Exception types shared by every part, and the translation of core exceptions to Python.
+#include <cstring>
+
 #include "bindings/bindings.h"
 #include "common/error.h"
 #include "device/select.h"
 
 namespace gpufleet::bindings {
+
+namespace {
+// Sets a Python exception from a core message. PyErr_SetString decodes strictly: one byte that is not
+// UTF-8 (a file name, half a character quoted by a parser) turned the error into a UnicodeDecodeError.
+// Messages name user values through printable() (common/printable.h), which also keeps NUL bytes from
+// cutting them; this is the safety net for the rest.
+void set_error(PyObject* type, const char* what) {
+  PyObject* text = PyUnicode_DecodeUTF8(what, static_cast<Py_ssize_t>(std::strlen(what)), "backslashreplace");
+  if (text == nullptr) {  // out of memory: keep whatever error decoding raised
+    return;
+  }
+  PyErr_SetObject(type, text);
+  Py_DECREF(text);
+}
+}  // namespace
 
 void check_python_signals() {
   py::gil_scoped_acquire gil;
@@ -21,24 +38,36 @@ void bind_errors(py::module_& m) {
   py::register_exception_translator([](std::exception_ptr p) {
     try {
       if (p) std::rethrow_exception(p);
+    } catch (const py::error_already_set&) {
+      throw;  // a Python exception on its way back: pybind11 restores it
+    } catch (const py::builtin_exception&) {
+      throw;  // pybind11's own (cast_error, stop_iteration, ...): its translator knows them
     } catch (const TypeError_& e) {
-      PyErr_SetString(PyExc_TypeError, e.what());
+      set_error(PyExc_TypeError, e.what());
     } catch (const DeviceSelectionError& e) {
-      PyErr_SetString(e.timed_out() ? selection_timeout.ptr() : selection_error.ptr(), e.what());
+      set_error(e.timed_out() ? selection_timeout.ptr() : selection_error.ptr(), e.what());
     } catch (const CudaError& e) {
-      PyErr_SetString(cuda_error.ptr(), e.what());
+      set_error(cuda_error.ptr(), e.what());
     } catch (const InternalError& e) {
-      PyErr_SetString(PyExc_RuntimeError, e.what());
+      set_error(PyExc_RuntimeError, e.what());
     } catch (const std::logic_error& e) {
       // std::invalid_argument and std::out_of_range are std::logic_errors; keep pybind11's mapping.
       if (dynamic_cast<const std::invalid_argument*>(&e) || dynamic_cast<const std::domain_error*>(&e) ||
           dynamic_cast<const std::length_error*>(&e)) {
-        PyErr_SetString(PyExc_ValueError, e.what());
+        set_error(PyExc_ValueError, e.what());
       } else if (dynamic_cast<const std::out_of_range*>(&e)) {
-        PyErr_SetString(PyExc_IndexError, e.what());
+        set_error(PyExc_IndexError, e.what());
       } else {
-        PyErr_SetString(PyExc_RuntimeError, e.what());
+        set_error(PyExc_RuntimeError, e.what());
       }
+    } catch (const std::overflow_error& e) {
+      set_error(PyExc_OverflowError, e.what());
+    } catch (const std::range_error& e) {
+      set_error(PyExc_ValueError, e.what());
+    } catch (const std::bad_alloc&) {
+      PyErr_SetString(PyExc_MemoryError, "std::bad_alloc");
+    } catch (const std::exception& e) {
+      set_error(PyExc_RuntimeError, e.what());
     }
   });
 }

@@ -3,6 +3,7 @@
 #include <cctype>
 
 #include "common/error.h"
+#include "common/printable.h"
 
 namespace gpufleet {
 
@@ -16,7 +17,7 @@ std::string_view device_type_name(DeviceType type) {
 
 Device Device::parse(std::string_view text) {
   auto fail = [&](std::string_view why) -> Device {
-    throw std::invalid_argument(fmt::format("Invalid device string: '{}': {}. Expected {}", text,
+    throw std::invalid_argument(fmt::format("Invalid device string: '{}': {}. Expected {}", printable(text),
                                             why, kAcceptedDeviceForms));
   };
   if (text.empty()) return fail("the string is empty");
@@ -28,7 +29,7 @@ Device Device::parse(std::string_view text) {
   } else if (type_text == "cuda") {
     type = DeviceType::CUDA;
   } else {
-    return fail(fmt::format("unknown device type '{}'", type_text));
+    return fail(fmt::format("unknown device type '{}'", printable(type_text)));
   }
   if (colon == std::string_view::npos) return Device(type, -1);
 
@@ -36,7 +37,7 @@ Device Device::parse(std::string_view text) {
   if (digits.empty()) return fail("the index after ':' is missing");
   for (char c : digits) {
     if (!std::isdigit(static_cast<unsigned char>(c))) {
-      return fail(fmt::format("the index '{}' is not a non-negative integer", digits));
+      return fail(fmt::format("the index '{}' is not a non-negative integer", printable(digits)));
     }
   }
   if (digits.size() > 1 && digits.front() == '0') {

@@ -40,6 +40,15 @@ std::optional<long> parse_ordinal(std::string_view s) {
   return std::stol(std::string(s));
 }
 
+// "<digits>/<digits>": the GPU and compute instance of a legacy MIG entry.
+bool is_instance_pair(std::string_view s) {
+  const auto slash = s.find('/');
+  if (slash == std::string_view::npos || slash == 0 || slash + 1 == s.size()) return false;
+  for (std::size_t i = 0; i < s.size(); ++i)
+    if (i != slash && !std::isdigit(static_cast<unsigned char>(s[i]))) return false;
+  return true;
+}
+
 }  // namespace
 
 std::vector<VisibleDevice> parse_visible_devices(std::optional<std::string_view> value,
@@ -60,10 +69,11 @@ std::vector<VisibleDevice> parse_visible_devices(std::optional<std::string_view>
     } else if (starts_with(entry, "GPU-")) {
       dev.gpu = match_uuid_prefix(entry, gpus);
     } else if (starts_with(entry, "MIG-GPU-")) {
-      // Legacy form MIG-GPU-<uuid>/<gpu instance>/<compute instance>.
+      // Legacy form MIG-GPU-<uuid>/<gpu instance>/<compute instance>, both instances numbers
+      // ("MIG-GPU-<uuid>/&24" selected the GPU: found by tests/fuzz/fuzz_visible_devices).
       const std::string_view rest_mig = entry.substr(4);
       const auto slash = rest_mig.find('/');
-      if (slash != std::string_view::npos) {
+      if (slash != std::string_view::npos && is_instance_pair(rest_mig.substr(slash + 1))) {
         dev.gpu = match_uuid_prefix(rest_mig.substr(0, slash), gpus);
         if (dev.gpu >= 0) dev.mig_uuid = std::string(entry);
       }
@@ -80,9 +90,10 @@ std::vector<VisibleDevice> parse_visible_devices(std::optional<std::string_view>
     }
 
     // Note [Duplicate entries]: a device listed twice ends the enumeration like any invalid entry,
-    // so a GPU is never counted twice.
+    // so a GPU is never counted twice. A GPU named whole and as one of its MIG instances is listed
+    // twice too (a GPU in MIG mode cannot be used whole; one that is not has no MIG instance).
     const bool duplicate = std::any_of(out.begin(), out.end(), [&](const VisibleDevice& d) {
-      return d.gpu == dev.gpu && d.mig_uuid == dev.mig_uuid;
+      return d.gpu == dev.gpu && (d.mig_uuid == dev.mig_uuid || d.mig_uuid.empty() != dev.mig_uuid.empty());
     });
     if (dev.gpu < 0 || duplicate) break;
     out.push_back(std::move(dev));

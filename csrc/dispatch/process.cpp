@@ -38,6 +38,15 @@ struct SpawnAttrs {
   }
 };
 
+ExitStatus decode(int status) {
+  ExitStatus s;
+  if (WIFEXITED(status)) s.exit_code = WEXITSTATUS(status);
+  if (WIFSIGNALED(status)) s.signal = WTERMSIG(status);
+  return s;
+}
+
+}  // namespace
+
 int open_pidfd(pid_t pid) {
 #ifdef SYS_pidfd_open
   long fd = syscall(SYS_pidfd_open, pid, 0);
@@ -48,15 +57,6 @@ int open_pidfd(pid_t pid) {
 #endif
   return -1;
 }
-
-ExitStatus decode(int status) {
-  ExitStatus s;
-  if (WIFEXITED(status)) s.exit_code = WEXITSTATUS(status);
-  if (WIFSIGNALED(status)) s.signal = WTERMSIG(status);
-  return s;
-}
-
-}  // namespace
 
 Child launch(const LaunchSpec& spec) {
   if (spec.argv.empty()) throw std::invalid_argument("a task needs a non-empty command (argv)");

@@ -43,6 +43,10 @@ struct Child {
 /// Throws std::runtime_error naming the program and the errno text when it cannot be started.
 Child launch(const LaunchSpec& spec);
 
+/// A pollable descriptor for a child process (readable once it has exited), close-on-exec; -1 where
+/// the kernel has no pidfd_open (before Linux 5.3).
+int open_pidfd(pid_t pid);
+
 /// Exit status of a reaped child.
 struct ExitStatus {
   std::optional<int> exit_code;

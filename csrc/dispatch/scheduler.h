@@ -22,7 +22,7 @@ struct DispatchOptions {
   double kill_grace_s = 5.0;         ///< SIGTERM → SIGKILL
   double retry_backoff_s = 0.5;      ///< first retry delay, doubled per attempt
   OutputMode output = OutputMode::Pipe;  ///< Pipe = lines passed through with a "[name] " prefix
-  std::string log_dir;               ///< with OutputMode::File: <log_dir>/<seq>-<attempt>.log
+  std::string log_dir;               ///< with OutputMode::File: <log_dir>/<run_id>/task-<seq+1>.attempt-<k>.log
   std::string journal_path;          ///< empty: no journal
   bool resume = false;               ///< skip tasks the journal records as succeeded (outputs present)
   bool skip_existing = false;        ///< skip tasks whose declared outputs all exist

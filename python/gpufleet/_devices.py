@@ -100,8 +100,12 @@ def parse_memory_size(size: MemorySize, *, name: str = "size") -> int:
     if isinstance(size, int):
         if size < 0:
             raise ValueError(f"{name} must be a non-negative number of bytes, got {size}")
+        if size > 2**64 - 1:
+            raise ValueError(f"{name}: {size} bytes is too large; at most 18446744073709551615 bytes (16 EiB)")
         return size
-    return _core.parse_memory_size(size)
+    # surrogateescape: text from the command line or a file may hold bytes that are not UTF-8; the parser
+    # names them in its error instead of pybind11 refusing the argument.
+    return _core.parse_memory_size(size.encode("utf-8", "surrogateescape"))
 
 
 format_memory_size = _core.format_memory_size

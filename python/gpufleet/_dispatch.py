@@ -85,18 +85,30 @@ class Task:
                 raise TypeError(f"every argument of cmd must be a string or a path, got {bad[0]!r} in {cmd!r}")
             if not argv:
                 raise ValueError("cmd must not be empty")
+        for a in argv:  # a C string ends at NUL: the command would silently get a shorter argument
+            # the marks of {output} and of {%} (filled in at launch) are ours, not the user's NUL bytes
+            if "\0" in (str.replace(a, _MARK, "") if isinstance(a, _OutputSlot) else a).replace(_JOB_SLOT_MARK, ""):
+                raise ValueError(f"an argument of cmd contains a NUL byte, which no command can receive: {a!r}")
         self.cmd = argv
         self.env = {}
         for k, v in (env or {}).items():
-            if not isinstance(k, str) or not isinstance(v, str) or not k or "=" in k:
-                raise ValueError(f"env must map variable names to strings, got {k!r}: {v!r}")
+            if not isinstance(k, str) or not isinstance(v, str) or not k or "=" in k or "\0" in k + v:
+                raise ValueError(f"env must map variable names (no '=', no NUL) to strings (no NUL), got {k!r}: {v!r}")
             if k in _RESERVED_ENV:
                 raise ValueError(f"env may not set {k}: the dispatcher sets it for each task")
             self.env[k] = v
         self.cwd = None if cwd is None else os.fspath(cwd)
         if isinstance(outputs, (str, os.PathLike)):
             outputs = [outputs]
+        for p in [self.cwd or ""] + [os.fspath(o) for o in outputs]:
+            if "\0" in p:
+                raise ValueError(f"a path contains a NUL byte, which no file name can: {p!r}")
         self.outputs = [os.path.abspath(os.path.join(self.cwd or "", os.fspath(o))) for o in outputs]
+        for o in self.outputs:
+            size = len(os.fsencode(os.path.basename(o)))
+            if size > _NAME_MAX:
+                raise ValueError(f"output {o!r}: its name is {size} bytes long, at most {_NAME_MAX} bytes are allowed "
+                                 "in a file name on Linux")
         self.gpus = _count(gpus, "gpus")
         self.min_free_memory = 0 if min_free_memory is None else _devices.parse_memory_size(
             min_free_memory, name="min_free_memory")
@@ -129,18 +141,33 @@ class Task:
                 affinity = int(hashlib.md5("\0".join(self.cmd).encode("utf-8", "surrogateescape")).hexdigest(), 16) % pool_size
         elif self.affinity is not None:
             affinity = self.affinity if self.affinity < pool_size else -1
-        return _core.TaskSpec(seq, self._key() if keyed else "", self.name, argv, list(self.env.items()), self.cwd or "",
-                              list(zip(self.outputs, temps)), self.gpus, self.min_free_memory, self.timeout,
-                              self.retries, affinity)
+        # Bytes (os.fsencode) for everything that names a file or reaches the command: a file name that
+        # is not UTF-8 (legal on Linux) travels as the bytes it is.
+        fs = os.fsencode
+        return _core.TaskSpec(seq, self._key() if keyed else "", fs(self.name), [fs(a) for a in argv],
+                              [(fs(k), fs(v)) for k, v in self.env.items()], fs(self.cwd or ""),
+                              [(fs(o), fs(t)) for o, t in zip(self.outputs, temps)], self.gpus, self.min_free_memory,
+                              self.timeout, self.retries, affinity)
+
+
+_NAME_MAX = 255  # bytes in one file name (Linux file systems)
 
 
 def _temp_name(final: str, token: str) -> str:
     # Deterministic (no run token): a run that resumes after a crash reuses, and so removes, the
     # partial file a killed attempt left behind. The extension is kept for programs that pick the
-    # format from it (ffmpeg).
+    # format from it (ffmpeg). A name near the 255-byte limit cannot take the 8 added bytes: its stem
+    # is shortened and a hash of the whole name keeps it unique.
     d, base = os.path.split(final)
     stem, ext = os.path.splitext(base)
-    return os.path.join(d, f".{stem}.gfpart{ext}")
+    temp = f".{stem}.gfpart{ext}"
+    if len(os.fsencode(temp)) <= _NAME_MAX:
+        return os.path.join(d, temp)
+    raw_stem, raw_ext = os.fsencode(stem), os.fsencode(ext)
+    if len(raw_ext) > 32:
+        raw_stem, raw_ext = raw_stem + raw_ext, b""
+    tag = b"~" + hashlib.sha1(os.fsencode(base)).hexdigest()[:12].encode() + b".gfpart" + raw_ext
+    return os.path.join(d, os.fsdecode(b"." + raw_stem[:_NAME_MAX - 1 - len(tag)] + tag))
 
 
 # ---- building tasks --------------------------------------------------------------------------
@@ -170,7 +197,33 @@ def product(cmd: Sequence[str], *inputs, output: Optional[str] = None, name: Opt
     if isinstance(cmd, str):
         raise TypeError("cmd must be a list of arguments (templates), not one string")
     lists = [_input_values(s) for s in inputs]
+    if output is not None:
+        _check_template_outputs(output, itertools.product(*lists))
     return _template_tasks(list(cmd), itertools.product(*lists), output, name, task_options)
+
+
+def _check_output_collisions(items: Iterable[tuple]) -> None:
+    """Raises ValueError naming the first two tasks that declare the same output file. ``items``:
+    ``(task number (1-based), description, [output paths])``. Paths compare as normalised absolute
+    paths (no file system access: millions of them stay cheap); other spellings of one file (a
+    symlinked directory) are caught when the tasks are pulled, by Note [Output collisions] in
+    csrc/dispatch/admission.cpp."""
+    owner: dict = {}
+    for number, what, paths in items:
+        for p in paths:
+            key = os.path.normpath(os.path.abspath(p))
+            first = owner.setdefault(key, (number, what))
+            if first[0] != number:
+                raise ValueError(f"task {first[0]} ({first[1]}) and task {number} ({what}) would both write "
+                                 f"{p!r}: make the output name unique per task (e.g. with {{#}}, or {{//}} for the "
+                                 "input's directory); nothing was run")
+
+
+def _check_template_outputs(output: str, rows: Iterable[Sequence[str]]) -> None:
+    """The collision check for an output template over finite inputs (product(), and the CLI's
+    ``:::`` lists), before any task exists."""
+    _check_output_collisions((i + 1, "inputs " + " ".join(map(repr, row)),
+                              [os.path.abspath(_expand(output, row, i + 1, None))]) for i, row in enumerate(rows))
 
 
 _MARK = "\0gfout\0"  # stands for the output in expanded templates; NUL never occurs in argv or file names
@@ -554,6 +607,8 @@ def run(tasks: Iterable[Union[Task, Sequence[str]]], devices: Any = "auto", slot
     if stopper is not None and stopper.pct is not None and total is None:
         raise ValueError(f"halt={halt!r} is a percentage of the tasks, so it needs their number: pass total= (or a "
                          "list of tasks)")
+    if isinstance(tasks, (list, tuple)):  # finite and already built: refuse colliding outputs up front
+        _check_output_collisions((i + 1, repr(t.name), t.outputs) for i, t in enumerate(tasks) if isinstance(t, Task))
     if progress is None:
         progress = not quiet and _progress.mode() != "plain"
 
@@ -657,14 +712,15 @@ def run(tasks: Iterable[Union[Task, Sequence[str]]], devices: Any = "auto", slot
     try:
         d = _core.Dispatcher(
             ordinals, slots_per_device, cpu_slots or 0, quarantine_after, float(kill_grace), float(retry_backoff),
-            output, "" if log_dir is None else os.fspath(log_dir), "" if journal is None else os.fspath(journal),
+            output, b"" if log_dir is None else os.fsencode(log_dir), b"" if journal is None else os.fsencode(journal),
             bool(resume), bool(skip_existing), 0, float(memory_poll),
             # a halt condition is checked before the next task starts: every event at once (_halt.py)
             0.0 if stopper is not None else 0.1 if (bar or on_start or on_finish) else 0.25,
-            " ".join(sys.argv)[:1000], pull, on_events, wake_r)
+            os.fsencode(" ".join(sys.argv)[:1000]), pull, on_events, wake_r)
         holder["d"] = d
         totals = d.run()
     finally:
+        holder.clear()
         if old_wakeup is not None:
             signal.set_wakeup_fd(old_wakeup)
         if old_sigint is not None:

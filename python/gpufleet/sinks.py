@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import re
 import sqlite3
+import sys
 import threading
 import time
 from typing import Any, Iterable, Mapping, Optional, Sequence, Union
@@ -47,6 +48,34 @@ def _plain(v):
 
 
 _PLAIN_TYPES = (int, float, str, bytes, type(None))
+
+# MySQL/MariaDB error codes of a server that is away for now: shutting down (1053), connection killed
+# (1927), cannot connect by socket or TCP (2002, 2003: refused while it restarts), gone away / lost
+# (2006, 2013, 2055), disconnected for inactivity (4031).
+_MYSQL_UNREACHABLE = {1053, 1927, 2002, 2003, 2006, 2013, 2055, 4031}
+
+
+def _server_unreachable(e, engine) -> bool:
+    """Whether a DBAPIError says the server dropped us or cannot be reached right now (a restart, a
+    failover, a KILL), so that the same batch may succeed on a fresh connection later. A dropped
+    connection (``connection_invalidated``) was the only case retried before; the refused reconnect
+    while a server restarts is the other half of a restart."""
+    if getattr(e, "connection_invalidated", False):
+        return True
+    orig = getattr(e, "orig", None)
+    args = getattr(orig, "args", ())
+    if args and isinstance(args[0], int) and args[0] in _MYSQL_UNREACHABLE:
+        return True
+    sqlstate = getattr(orig, "pgcode", None) or getattr(orig, "sqlstate", None)
+    if isinstance(sqlstate, str) and (sqlstate.startswith("08") or sqlstate in ("57P01", "57P02", "57P03")):
+        return True  # PostgreSQL: connection exceptions, admin shutdown, cannot connect now
+    if isinstance(e, getattr(sys.modules.get("sqlalchemy.exc"), "OperationalError", ())) and any(
+            m in str(orig) for m in ("could not connect to server", "Connection refused", "the database system is")):
+        return True
+    try:
+        return engine is not None and bool(engine.dialect.is_disconnect(orig, None, None))
+    except Exception:
+        return False
 
 
 def _sqlite_type(v) -> str:
@@ -104,7 +133,8 @@ class SqlSink:
     the columns given; as the database inserts before it resolves the conflict, every row must still
     carry the table's NOT NULL columns that have no default). Rows are buffered and written ``batch_rows`` per transaction, or when the
     oldest buffered row has waited ``max_delay`` seconds. ``retries`` bounds the retries of one batch
-    after a disconnect (server URLs), with ``retry_wait`` seconds doubling between them.
+    after a disconnect or a refused reconnect (server URLs: a KILL, a restart), with ``retry_wait``
+    seconds doubling between them (the defaults wait about 6 s in all; ``retries=8`` about 50 s).
     """
 
     def __init__(self, url: str, table: str, *, key: Union[str, Sequence[str]], columns: Optional[Sequence[str]] = None,
@@ -485,7 +515,7 @@ class SqlSink:
                         self._conn.execute(self._upsert(cols), [dict(zip(cols, v)) for v in rows])
                 return
             except sa.exc.DBAPIError as e:
-                disconnect = bool(getattr(e, "connection_invalidated", False))
+                disconnect = _server_unreachable(e, self._engine)
                 # Drop the connection whatever happened: the next attempt starts on a fresh one.
                 if self._conn is not None:
                     try:

@@ -120,6 +120,13 @@ TEST(VisibleDevices, MigEntries) {
   EXPECT_EQ(r[0].gpu, 1);
   EXPECT_EQ(r[1].gpu, 0);
   EXPECT_TRUE(parse_visible_devices("MIG-9999", g).empty());
+  // found by tests/fuzz/fuzz_visible_devices: instances must be numbers; a GPU is never counted whole
+  // and as a MIG instance
+  EXPECT_TRUE(parse_visible_devices("MIG-GPU-bbbb/&24,0", g).empty());
+  EXPECT_TRUE(parse_visible_devices("MIG-GPU-bbbb/1", g).empty());
+  EXPECT_EQ(parse_visible_devices("MIG-GPU-bbbb/1/0,1", g).size(), 1u);
+  EXPECT_EQ(parse_visible_devices("1,MIG-1111", g).size(), 1u);
+  EXPECT_EQ(parse_visible_devices("MIG-1111,MIG-3333", g).size(), 2u);  // two instances of one GPU
 }
 
 TEST(Units, ParseMemorySize) {

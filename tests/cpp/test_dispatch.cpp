@@ -1,5 +1,6 @@
 // The dispatcher core without Python: the run loop with real child processes, timeouts, memory
-// admission through a memory hook, the supervisor surviving a SIGKILLed owner.
+// admission through a memory hook, the supervisor surviving a SIGKILLed owner and replaced when
+// killed itself, output collisions, per-run log files, the journal refusing other files.
 #include <gtest/gtest.h>
 #include <poll.h>
 #include <signal.h>
@@ -13,10 +14,12 @@
 #include <filesystem>
 #include <fstream>
 #include <map>
+#include <mutex>
 #include <set>
 #include <sstream>
 #include <thread>
 
+#include "dispatch/journal.h"
 #include "dispatch/process.h"
 #include "dispatch/scheduler.h"
 #include "dispatch/supervisor.h"
@@ -50,16 +53,28 @@ struct Collected {
   }
 };
 
-RunTotals run_tasks(std::vector<TaskSpec> tasks, DispatchOptions o, Collected& c,
-                    std::function<std::vector<MemoryReading>()> memory = {}) {
+// Hooks that hand out `tasks` (counting them in `next`) and append the events to `events` under `mu`
+// (the test's thread may read them while the run goes on).
+DispatchHooks list_hooks(const std::vector<TaskSpec>& tasks, std::size_t& next, std::vector<TaskEvent>& events,
+                         std::mutex* mu = nullptr) {
   DispatchHooks h;
-  std::size_t next = 0;
-  h.pull = [&](std::size_t max) {
+  h.pull = [&tasks, &next](std::size_t max) {
     std::vector<TaskSpec> out;
     while (next < tasks.size() && out.size() < max) out.push_back(tasks[next++]);
     return out;
   };
-  h.on_events = [&](std::vector<TaskEvent>& evs) { c.events.insert(c.events.end(), evs.begin(), evs.end()); };
+  h.on_events = [&events, mu](std::vector<TaskEvent>& evs) {
+    std::unique_lock<std::mutex> lk;
+    if (mu) lk = std::unique_lock<std::mutex>(*mu);
+    events.insert(events.end(), evs.begin(), evs.end());
+  };
+  return h;
+}
+
+RunTotals run_tasks(std::vector<TaskSpec> tasks, DispatchOptions o, Collected& c,
+                    std::function<std::vector<MemoryReading>()> memory = {}) {
+  std::size_t next = 0;
+  DispatchHooks h = list_hooks(tasks, next, c.events);
   h.memory = std::move(memory);
   Dispatcher d(std::move(o), std::move(h));
   return d.run();
@@ -435,4 +450,147 @@ TEST(Dispatch, LauncherReturnsEveryLaunchOnceAndReapsWhatIsNotTaken) {
   errno = 0;
   EXPECT_EQ(::waitpid(-1, nullptr, WNOHANG), -1);
   EXPECT_EQ(errno, ECHILD);
+}
+
+namespace {
+
+// This process's children whose command line is a supervisor's title.
+std::vector<pid_t> supervisor_children() {
+  std::vector<pid_t> out;
+  const std::string me = std::to_string(::getpid());
+  for (const auto& entry : std::filesystem::directory_iterator("/proc")) {
+    std::ifstream st(entry.path() / "stat");
+    std::string line;
+    if (!std::getline(st, line)) continue;
+    auto rp = line.rfind(')');
+    if (rp == std::string::npos) continue;
+    std::istringstream rest(line.substr(rp + 2));
+    char state;
+    std::string ppid;
+    if (!(rest >> state >> ppid) || ppid != me || state == 'Z') continue;
+    std::ifstream cl(entry.path() / "cmdline");
+    std::string cmd((std::istreambuf_iterator<char>(cl)), std::istreambuf_iterator<char>());
+    if (cmd.rfind("gf-supervisor run ", 0) == 0) out.push_back(static_cast<pid_t>(std::stol(entry.path().filename())));
+  }
+  return out;
+}
+
+std::string temp_dir() {
+  char tmpl[] = "/tmp/gf-dispatch-XXXXXX";
+  return mkdtemp(tmpl);
+}
+
+}  // namespace
+
+// Note [No process outlives the dispatcher]: the supervisor shows its own title, and a killed one is
+// replaced while the run goes on (under ThreadSanitizer: the launcher threads' track() against the
+// loop's restart()).
+TEST(Dispatch, SupervisorIsRenamedAndReplacedWhenKilled) {
+  DispatchOptions o;
+  o.devices = fake_pool(2);
+  o.slots_per_device = 2;
+  o.output = OutputMode::Null;
+  o.kill_grace_s = 0.2;
+  std::vector<TaskSpec> tasks;
+  for (int i = 0; i < 12; ++i) tasks.push_back(sh(i, i < 4 ? "sleep 30" : "sleep 0.0$((RANDOM % 3))"));
+  std::mutex mu;
+  std::vector<TaskEvent> events;
+  std::size_t next = 0;
+  o.event_interval_s = 0.01;
+  Dispatcher d(o, list_hooks(tasks, next, events, &mu));
+  RunTotals t;
+  std::thread runner([&] { t = d.run(); });
+  auto wait_until = [](auto pred) {
+    for (int i = 0; i < 1000 && !pred(); ++i) std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    return pred();
+  };
+  ASSERT_TRUE(wait_until([] { return supervisor_children().size() == 1; }));
+  const pid_t first = supervisor_children()[0];
+  ASSERT_TRUE(wait_until([&] {
+    std::lock_guard<std::mutex> lk(mu);
+    return std::count_if(events.begin(), events.end(), [](auto& e) { return e.kind == EventKind::Started; }) >= 4;
+  }));
+  ::kill(first, SIGKILL);
+  EXPECT_TRUE(wait_until([&] {
+    auto s = supervisor_children();
+    return s.size() == 1 && s[0] != first;
+  })) << "no new supervisor";
+  d.cancel();
+  runner.join();
+  EXPECT_TRUE(t.cancelled);
+  bool said = false;
+  for (const auto& e : events)
+    if (e.kind == EventKind::Message && e.message.find("died (killed by signal 9") != std::string::npos) said = true;
+  EXPECT_TRUE(said);
+  EXPECT_TRUE(supervisor_children().empty());
+  errno = 0;
+  EXPECT_EQ(::waitpid(-1, nullptr, WNOHANG), -1);
+  EXPECT_EQ(errno, ECHILD);
+}
+
+// Note [Output collisions]: the second claim of a file fails that task before it runs, whatever the
+// spelling; per-run log files named by the 1-based task number.
+TEST(Dispatch, CollidingOutputsAndPerRunLogFiles) {
+  const std::string dir = temp_dir();
+  std::filesystem::create_directories(dir + "/out");
+  std::filesystem::create_symlink(dir + "/out", dir + "/alias");
+  DispatchOptions o;
+  o.devices = fake_pool(1);
+  o.output = OutputMode::File;
+  o.log_dir = dir + "/logs";
+  std::vector<TaskSpec> tasks;
+  for (int i = 0; i < 3; ++i) {
+    tasks.push_back(sh(i, "echo task $0 > \"$1\"; echo log $0"));
+    tasks.back().argv.push_back(std::to_string(i));
+  }
+  tasks[0].outputs = {{dir + "/out/x.txt", dir + "/out/.x.gfpart.txt"}};
+  tasks[1].outputs = {{dir + "/alias/./x.txt", dir + "/alias/.x.gfpart.txt"}};
+  tasks[2].outputs = {{dir + "/out/y.txt", dir + "/out/.y.gfpart.txt"}};
+  for (auto& t : tasks) t.argv.push_back(t.outputs[0].temp_path);
+  Collected c;
+  RunTotals t = run_tasks(tasks, o, c);
+  EXPECT_EQ(t.succeeded, 2);
+  EXPECT_EQ(t.failed, 1);
+  std::map<std::int64_t, TaskEvent> fin;
+  for (const auto& e : c.finished()) fin[e.seq] = e;
+  EXPECT_NE(fin[1].message.find("is also the output of task 1"), std::string::npos) << fin[1].message;
+  EXPECT_EQ(fin[1].pid, 0);  // never started
+  std::ifstream x(dir + "/out/x.txt");
+  std::string line;
+  std::getline(x, line);
+  EXPECT_EQ(line, "task 0");
+  for (std::int64_t s : {0, 2}) {
+    EXPECT_EQ(fin[s].log_path, dir + "/logs/" + t.run_id + "/task-" + std::to_string(s + 1) + ".attempt-1.log");
+    std::ifstream log(fin[s].log_path);
+    std::getline(log, line);
+    EXPECT_EQ(line, "log " + std::to_string(s));
+  }
+  std::filesystem::remove_all(dir);
+}
+
+// A file that is not a journal is refused (std::invalid_argument naming it) and left byte for byte.
+TEST(Journal, RefusesWhatIsNotAJournalAndLeavesItUntouched) {
+  const std::string dir = temp_dir();
+  const std::string text = dir + "/notes.txt";
+  std::ofstream(text) << "hello, not SQLite\n";
+  try {
+    Journal j(text);
+    ADD_FAILURE() << "opened a text file as a journal";
+  } catch (const std::invalid_argument& e) {
+    EXPECT_NE(std::string(e.what()).find("is not a gpufleet journal: it is not a readable SQLite database"),
+              std::string::npos) << e.what();
+  }
+  std::ifstream in(text);
+  std::string line;
+  std::getline(in, line);
+  EXPECT_EQ(line, "hello, not SQLite");
+  {
+    Journal j(dir + "/j.sqlite");  // a new file becomes one, and opens again
+    j.begin_run("r1", "test");
+    EXPECT_FALSE(j.lookup("k").has_value());
+  }
+  Journal again(dir + "/j.sqlite");
+  EXPECT_FALSE(again.succeeded("k"));
+  EXPECT_THROW(Journal(dir + "/no/such/dir/j.sqlite"), std::invalid_argument);
+  std::filesystem::remove_all(dir);
 }

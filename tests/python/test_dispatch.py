@@ -20,17 +20,9 @@ import gpufleet
 
 HELPERS = Path(__file__).parent / "dispatch_helpers"
 sys.path.insert(0, str(HELPERS))
-from proc_utils import alive as _alive  # noqa: E402
+from proc_utils import alive as _alive, stage_env as _stage_env, wait_for as _wait_for  # noqa: E402
 
 pytestmark = pytest.mark.timeout(120)
-
-
-def _stage_env() -> dict:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(os.path.dirname(gpufleet.__file__)),
-                                         env.get("PYTHONPATH", "")])
-    env.pop("GPUFLEET_SIMULATED_GPUS", None)
-    return env
 
 
 def _intervals(path: Path):
@@ -271,15 +263,6 @@ def test_report_trace_and_timeline(sim_gpus, tmp_path):
 def _start_dispatcher(tmp_path, *args):
     return subprocess.Popen([sys.executable, str(HELPERS / "run_tasks.py"), *args], env=_stage_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path)
-
-
-def _wait_for(pred, timeout=20.0):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if pred():
-            return True
-        time.sleep(0.02)
-    return False
 
 
 def test_first_ctrl_c_drains_second_cancels(tmp_path):

@@ -1,6 +1,6 @@
 """SqlSink against a real MariaDB server (the user's MySQL), started privately on loopback:
-keyed upserts, a resumed run, and server-side KILLs of the writer's connection mid-run (no row
-lost, none duplicated)."""
+keyed upserts, a resumed run, server-side KILLs of the writer's connection mid-run and a restart of
+the server mid-run (no row lost, none duplicated)."""
 from __future__ import annotations
 
 import threading
@@ -10,7 +10,7 @@ import pytest
 
 from gpufleet import Pipeline
 from gpufleet.sinks import SqlSink
-from pipeline_helpers.mariadb import mariadb  # noqa: F401  (fixture)
+from pipeline_helpers.mariadb import mariadb, restart_mariadb  # noqa: F401  (fixture)
 
 pytest.importorskip("sqlalchemy")
 
@@ -66,33 +66,45 @@ def test_upserts_and_resume(mariadb):  # noqa: F811
     assert _count(mariadb, "resume_scores") == (n + 100, n + 100, pytest.approx(2.0 * sum(range(n + 100))))
 
 
+def _pipeline_while(sink, n, score, disrupt, row_delay):
+    """Writes rows {id: i, score: i * score} for i < n through a 4-worker pipeline into `sink` while
+    `disrupt(stop)` runs in a thread (it watches sink.rows_written to strike mid-run); returns the
+    pipeline's report."""
+    stop = threading.Event()
+
+    def make_row(i):
+        time.sleep(row_delay)
+        return {"id": i, "score": i * score}
+
+    t = threading.Thread(target=disrupt, args=(stop,))
+    t.start()
+    try:
+        return Pipeline(range(n)).map(make_row, workers=4).sink(sink).run()
+    finally:
+        stop.set()
+        t.join()
+
+
+def _wait_rows(sink, rows, stop) -> bool:
+    while sink.rows_written < rows and not stop.is_set():
+        time.sleep(0.002)
+    return not stop.is_set()
+
+
 def test_server_side_kill_mid_run_loses_and_duplicates_nothing(mariadb):  # noqa: F811
     n = 3000
     sink = SqlSink(mariadb.url, "killed_scores", key="id", batch_rows=100, max_delay=None, retries=8,
                    retry_wait=0.05)
     kills = []
-    stop = threading.Event()
 
-    def killer():
+    def killer(stop):
         # Kill the writer's connection three times, at different points of the run.
         for threshold in (400, 1300, 2200):
-            while sink.rows_written < threshold and not stop.is_set():
-                time.sleep(0.002)
-            if stop.is_set():
+            if not _wait_rows(sink, threshold, stop):
                 return
             kills.append(_kill_writer(mariadb))
 
-    def make_row(i):
-        time.sleep(0.0002)
-        return {"id": i, "score": i * 0.5}
-
-    t = threading.Thread(target=killer)
-    t.start()
-    try:
-        r = Pipeline(range(n)).map(make_row, workers=4).sink(sink).run()
-    finally:
-        stop.set()
-        t.join()
+    r = _pipeline_while(sink, n, 0.5, killer, 0.0002)
     assert len(kills) == 3 and all(k >= 1 for k in kills)
     assert sink.batches_retried >= 1  # the kills hit: the sink reconnected and retried whole batches
     assert r.errors == []
@@ -115,3 +127,24 @@ def test_without_retries_the_kill_is_an_error(mariadb):  # noqa: F811
         assert _count(mariadb, "no_retry_scores")[0] == 100
     # The failed rows stayed buffered; close() wrote them on a fresh connection.
     assert _count(mariadb, "no_retry_scores") == (150, 150, pytest.approx(100 * 1.0 + 50 * 2.0))
+
+
+def test_server_restart_mid_run_is_retried_until_it_is_back(mariadb):  # noqa: F811
+    """Issue 12, item 8: during a restart the reconnect is refused (not a dropped connection): with
+    retries the sink waits for the server instead of failing the pipeline. Last in this module: the
+    server restarts."""
+    n = 3000
+    sink = SqlSink(mariadb.url, "restart_scores", key="id", batch_rows=100, max_delay=None, retries=8,
+                   retry_wait=0.2)
+    restarted = []
+
+    def restarter(stop):
+        if _wait_rows(sink, 900, stop):
+            restart_mariadb(mariadb, down_for=1.5)
+            restarted.append(time.monotonic())
+
+    r = _pipeline_while(sink, n, 0.25, restarter, 0.0005)
+    assert restarted and sink.batches_retried >= 1
+    assert r.errors == []
+    assert sink.rows_written == n
+    assert _count(mariadb, "restart_scores") == (n, n, pytest.approx(0.25 * sum(range(n))))

@@ -170,6 +170,9 @@ def main(args) -> int:
         if args.halt and "%" in args.halt and total is None:  # parallel reads all input for a percentage too
             rows = list(rows)
             total = len(rows)
+        if args.output and total is not None and args.colsep is None:  # finite: refuse colliding outputs now
+            rows = list(rows)
+            _dispatch._check_template_outputs(args.output, rows)
         tasks = _dispatch._template_tasks(template, rows, args.output, args.name, options, shell=shell,
                                           missing_ok=args.colsep is not None)
         slots, cpu_slots = args.slots or 1, args.cpu_slots

@@ -40,6 +40,8 @@ class MariaDB:
     password: str
     database: str
     process: subprocess.Popen
+    command: list = dataclasses.field(default_factory=list)  # how to start the server again (restart_mariadb)
+    log: str = ""
 
     @property
     def url(self) -> str:
@@ -68,33 +70,47 @@ def start_mariadb(tmpdir: str) -> MariaDB:
     if r.returncode != 0:
         raise RuntimeError(f"mariadb-install-db failed ({r.returncode}):\n{r.stdout}\n{r.stderr}")
     port = _free_port()
-    proc = subprocess.Popen([server, "--no-defaults", f"--datadir={datadir}", f"--socket={sock}", f"--port={port}",
-                             "--bind-address=127.0.0.1", "--skip-name-resolve", f"--log-error={log}",
-                             f"--pid-file={os.path.join(tmpdir, 'mysqld.pid')}", "--innodb-buffer-pool-size=32M",
-                             "--skip-log-bin", *user_args],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    command = [server, "--no-defaults", f"--datadir={datadir}", f"--socket={sock}", f"--port={port}",
+               "--bind-address=127.0.0.1", "--skip-name-resolve", f"--log-error={log}",
+               f"--pid-file={os.path.join(tmpdir, 'mysqld.pid')}", "--innodb-buffer-pool-size=32M",
+               "--skip-log-bin", *user_args]
+    proc, conn = _launch(command, sock, log)
+    with conn.cursor() as c:
+        c.execute("CREATE DATABASE gftest")
+        c.execute("CREATE USER 'gf'@'%' IDENTIFIED BY 'gfpass'")
+        c.execute("GRANT ALL ON gftest.* TO 'gf'@'%'")
+    conn.close()
+    return MariaDB(port, sock, "gf", "gfpass", "gftest", proc, command, log)
+
+
+def _launch(command: list, sock: str, log: str):
+    """Starts mariadbd and waits until root can connect over the socket; returns (process, connection)."""
     import pymysql
 
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.monotonic() + 60
     while True:
         # Probe the socket ourselves (closing it): a refused pymysql connect would leak its socket.
         try:
             with socket.socket(socket.AF_UNIX) as probe:
                 probe.connect(sock)
-            conn = pymysql.connect(unix_socket=sock, user="root", autocommit=True)
-            break
+            return proc, pymysql.connect(unix_socket=sock, user="root", autocommit=True)
         except (OSError, pymysql.err.OperationalError):
             if proc.poll() is not None or time.monotonic() > deadline:
                 proc.kill()
                 text = open(log).read() if os.path.exists(log) else "(no log)"
                 raise RuntimeError(f"mariadbd did not start (exit {proc.poll()}):\n{text[-3000:]}")
             time.sleep(0.2)
-    with conn.cursor() as c:
-        c.execute("CREATE DATABASE gftest")
-        c.execute("CREATE USER 'gf'@'%' IDENTIFIED BY 'gfpass'")
-        c.execute("GRANT ALL ON gftest.* TO 'gf'@'%'")
+
+
+def restart_mariadb(db: MariaDB, down_for: float = 1.0) -> None:
+    """A server restart as an operator does it: a clean shutdown (clients see their connections
+    dropped, then refused), `down_for` seconds with nothing listening, the same server started again
+    on the same port and data."""
+    stop_mariadb(db)
+    time.sleep(down_for)
+    db.process, conn = _launch(db.command, db.socket, db.log)
     conn.close()
-    return MariaDB(port, sock, "gf", "gfpass", "gftest", proc)
 
 
 def stop_mariadb(db: MariaDB) -> None:
