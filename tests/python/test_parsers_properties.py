@@ -1,7 +1,7 @@
 """Property-based tests (hypothesis) of the Python-side parsers against reference implementations
 written here from the documented rules: memory sizes (exact decimal arithmetic with Fraction),
 device strings and indices, CUDA_VISIBLE_DEVICES (CUDA's rules, /work/shared/REFERENCE.md), the
-placeholders of product() (GNU parallel's {}, {/}, {//}, {.}, {/.}, {#}), simulated topologies. Any
+placeholders of product() (against the real GNU parallel), simulated topologies. Any
 input either gives the reference's answer or a ValueError/TypeError, never another exception. The
 C++ parsers are also fuzzed with libFuzzer (tests/fuzz)."""
 from __future__ import annotations
@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
+import subprocess
 from fractions import Fraction
 
 import pytest
@@ -151,19 +153,36 @@ names = st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters
 paths = st.lists(names, min_size=1, max_size=3).map("/".join)
 
 
-def _stem(base):
-    root, ext = os.path.splitext(base)
-    return root if ext else base
+_PLACEHOLDERS = ["{}", "{/}", "{//}", "{.}", "{/.}", "{#}", "x{}y"]
 
 
-@given(paths)
-def test_product_placeholders_match_gnu_parallels_rules(path):
-    cmd = ["echo", "{}", "{/}", "{//}", "{.}", "{/.}", "{#}", "x{}y"]
-    (task,) = list(gpufleet.product(cmd, [path]))
-    base, dirname = os.path.basename(path), os.path.dirname(path)
-    root, ext = os.path.splitext(path)
-    assert task.cmd == ["echo", path, base, dirname or ".", root if ext else path, os.path.splitext(base)[0],
-                        "1", f"x{path}y"]
+@pytest.fixture(scope="module")
+def dump_argv(tmp_path_factory) -> str:
+    """A program printing its arguments NUL-separated (exact: nothing to unquote)."""
+    prog = tmp_path_factory.mktemp("argv") / "dump"
+    prog.write_text("#!/bin/sh\nprintf '%s\\0' \"$@\"\n")
+    prog.chmod(0o755)
+    return str(prog)
+
+
+def _gnu_parallel_argvs(dump: str, values: list[str]) -> list[list[str]]:
+    """The real GNU parallel's argv of each job (NUL-separated input and output)."""
+    r = subprocess.run(["parallel", "-0", "-k", "-j1", dump, *_PLACEHOLDERS, "::::", "-"],
+                       input=b"".join(os.fsencode(v) + b"\0" for v in values), capture_output=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    fields = [os.fsdecode(f) for f in r.stdout.split(b"\0")[:-1]]
+    n = len(_PLACEHOLDERS)
+    return [fields[i:i + n] for i in range(0, len(fields), n)]
+
+
+# The placeholders' rules are Perl's (GNU parallel's code), not os.path's: the real parallel is the
+# reference; a batch of generated names per example keeps its start-up cost small.
+@pytest.mark.skipif(shutil.which("parallel") is None, reason="needs GNU parallel (Debian: parallel)")
+@settings(max_examples=25, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(values=st.lists(paths, min_size=1, max_size=12))
+def test_product_placeholders_match_gnu_parallel(dump_argv, values):
+    tasks = list(gpufleet.product([dump_argv, *_PLACEHOLDERS], values))
+    assert [t.cmd[1:] for t in tasks] == _gnu_parallel_argvs(dump_argv, values)
 
 
 @given(st.lists(paths, min_size=1, max_size=5, unique=True))
