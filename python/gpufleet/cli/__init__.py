@@ -6,29 +6,54 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
-import pkgutil
 import sys
-from typing import Optional, Sequence
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Optional, Sequence
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from .. import __version__
+# The queue's commands are small clients, often started once per job: their parser alone is built,
+# so that none of the other commands' imports (NumPy among them) delays them (Note [Lazy package]).
+_QUEUE_MODULES = {"submit": "queue_cmds", "queue": "queue_cmds", "ls": "queue_cmds", "tail": "queue_cmds",
+                  "cancel": "queue_cmds", "wait": "queue_cmds", "retry": "queue_cmds", "top": "top"}
 
+
+class _Version(argparse.Action):
+    """--version, reading the version (from the compiled core) only when asked."""
+
+    def __init__(self, option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, help=None):
+        super().__init__(option_strings, dest, nargs=0, default=default, help="show program's version number and exit")
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        from .. import __version__
+
+        parser.exit(message=f"gpufleet {__version__}\n")
+
+
+def build_parser(only: Optional[str] = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gpufleet", description="Spread GPU work across devices.")
-    parser.add_argument("--version", action="version", version=f"gpufleet {__version__}")
+    parser.add_argument("--version", action=_Version)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for mod in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
-        if mod.name.startswith("_"):
+    if only:
+        names = [only]
+    else:
+        import pkgutil
+
+        names = [m.name for m in pkgutil.iter_modules(__path__)]
+    for name in sorted(names):
+        if name.startswith("_"):
             continue
-        module = importlib.import_module(f"{__name__}.{mod.name}")
+        module = importlib.import_module(f"{__name__}.{name}")
         if hasattr(module, "register"):
             module.register(sub)
     return parser
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    words = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(_QUEUE_MODULES.get(words[0]) if words else None)
+    args = parser.parse_args(words)
     if not getattr(args, "func", None):
         parser.print_help()
         return 0

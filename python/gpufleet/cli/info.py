@@ -9,10 +9,10 @@ import json
 import os
 import pwd
 import sys
-import time
 from typing import Optional
 
 from .. import _devices
+from . import _watch
 
 
 def register(sub) -> None:
@@ -191,33 +191,5 @@ def run(args) -> int:
         else:
             print(_render_all(info))
         return 0
-    if not args.watch > 0:
-        raise ValueError(f"--watch {args.watch}: expected a number of seconds > 0")
-    if args.count is not None and args.count < 1:
-        raise ValueError(f"--count {args.count}: expected at least 1 refresh")
-    return _watch(args.watch, args.count, args.json)
-
-
-def _watch(interval: float, count: Optional[int], as_json: bool) -> int:
-    """Refreshes until Ctrl-C (or ``count`` refreshes). On a terminal each refresh redraws the screen
-    from its top (home, clear to the end), as watch(1) does; elsewhere every refresh is a plain block
-    (a header line, the table, a blank line) and no escape code is written."""
-    tty = sys.stdout.isatty() and not as_json
-    n = 0
-    try:
-        while True:
-            info = info_dict()
-            stamp = time.strftime("%Y-%m-%d %H:%M:%S")
-            if as_json:
-                info["time"] = time.time()
-                sys.stdout.write(json.dumps(info) + "\n")
-            else:
-                block = f"Every {interval:g}s: gpufleet info    {stamp}\n\n{_render_all(info)}\n"
-                sys.stdout.write(("\x1b[H\x1b[J" + block) if tty else block + "\n")
-            sys.stdout.flush()
-            n += 1
-            if count is not None and n >= count:
-                return 0
-            time.sleep(interval)
-    except KeyboardInterrupt:  # the way to leave a watch: the last table stays on the screen
-        return 0
+    _watch.check(args.watch, args.count)
+    return _watch.watch(info_dict, _render_all, "gpufleet info", args.watch, args.count, args.json)
