@@ -219,6 +219,13 @@ void bind_dispatch(py::module_& m) {
       .def("close_input", [](PyDispatcher& self) { if (self.d) self.d->close_input(); })
       .def("cancel_task", [](PyDispatcher& self, std::int64_t seq) { if (self.d) self.d->cancel_task(seq); },
            py::arg("seq"))
+      // (gpu slots, gpu devices with a free slot, cpu slots): from the pull hook only (the loop's thread)
+      .def("free_slots",
+           [](PyDispatcher& self) {
+             if (!self.d) return std::make_tuple(0, 0, 0);
+             auto f = self.d->free_slots();
+             return std::make_tuple(f.gpu_slots, f.gpu_devices, f.cpu_slots);
+           })
       .def_property_readonly("run_id", [](PyDispatcher& self) { return self.run_id; })
       .def_property_readonly("marker", [](PyDispatcher& self) { return self.marker; });
 

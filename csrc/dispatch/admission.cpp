@@ -17,6 +17,7 @@ namespace gpufleet::dispatch {
 
 void Dispatcher::Impl::pull_more() {
   std::size_t want = opt.lookahead - queue.size();
+  if (opt.keep_open) want = std::min(want, free_slots());  // Note [Open input]
   if (!hooks.pull) {
     source_done = true;
     return;
@@ -202,6 +203,14 @@ int Dispatcher::Impl::free_slot(int d) const {
   for (std::size_t i = 0; i < b.size(); ++i)
     if (!b[i]) return static_cast<int>(i);
   return -1;
+}
+
+std::size_t Dispatcher::Impl::free_slots() const {
+  std::size_t n = 0;
+  for (const auto& d : devs)
+    if (!d.quarantined && d.running < opt.slots_per_device) n += opt.slots_per_device - d.running;
+  for (bool b : cpu_busy) n += b ? 0 : 1;
+  return n;
 }
 
 bool Dispatcher::Impl::any_free_slot() const {

@@ -103,6 +103,7 @@ void Dispatcher::Impl::finish(std::list<Running>::iterator it, ExitStatus st, st
     }
   }
   if (r.devices.empty() && !r.slots.empty()) cpu_busy[r.slots[0]] = false;
+  if (opt.keep_open) input_idle = false;  // Note [Open input]: a freed slot may take what waits
 
   const bool retry = status != TaskStatus::Succeeded && status != TaskStatus::Cancelled &&
                      r.attempt - r.spec.first_attempt < r.spec.retries && !stopping();

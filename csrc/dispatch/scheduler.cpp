@@ -113,6 +113,10 @@ void Dispatcher::Impl::finish_unstarted(const TaskSpec& t, TaskStatus status, co
 // - an empty pull means "nothing now": the loop stops pulling (no busy loop) until notify_input(),
 //   which the host calls when a job is submitted or becomes ready, or until close_input(), after
 //   which an empty pull ends the input as usual;
+// - it pulls only while a slot is free, at most as many tasks as there are free slots, and again
+//   whenever a task ends; the host's pull can ask free_slots() which kind is free and hand over only
+//   what fits. So the host keeps the order of what waits (priorities), and a task it hands over
+//   starts at once (or waits in the lookahead window, for memory, without blocking those behind);
 // - cancel_task(seq) stops one task (the kill sequence, or its removal from the queue) without
 //   touching the others; its Finished event says Cancelled;
 // - the claims of Note [Output collisions] last as long as their task, not the run: a job submitted
@@ -409,6 +413,16 @@ void Dispatcher::cancel_task(std::int64_t seq) {
     impl_->cancel_seqs.push_back(seq);
   }
   impl_->poke();
+}
+Dispatcher::FreeSlots Dispatcher::free_slots() const {
+  FreeSlots f;
+  for (const auto& d : impl_->devs)
+    if (!d.quarantined && d.running < impl_->opt.slots_per_device) {
+      f.gpu_slots += impl_->opt.slots_per_device - d.running;
+      ++f.gpu_devices;
+    }
+  for (bool b : impl_->cpu_busy) f.cpu_slots += b ? 0 : 1;
+  return f;
 }
 const std::string& Dispatcher::run_id() const { return impl_->run_id; }
 const std::string& Dispatcher::marker() const { return impl_->marker; }

@@ -85,6 +85,12 @@ class Dispatcher {
   /// it has not started (a pending retry included): its Finished event has the status Cancelled. A
   /// task that is not in the run (finished, never pulled) is left alone. Thread-safe.
   void cancel_task(std::int64_t seq);
+  /// Free slots now: GPU slots on healthy devices, devices with at least one free slot, CPU slots.
+  /// For a host's pull (Note [Open input]): call it from a hook, on the run loop's thread.
+  struct FreeSlots {
+    int gpu_slots = 0, gpu_devices = 0, cpu_slots = 0;
+  };
+  FreeSlots free_slots() const;
 
   const std::string& run_id() const;
   /// The "GPUFLEET_RUN_ID=<token>" entry every task of the run carries (Note [No process outlives the

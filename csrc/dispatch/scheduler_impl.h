@@ -127,9 +127,13 @@ struct Dispatcher::Impl {
   void finish_unstarted(const TaskSpec& t, TaskStatus status, const std::string& why);
   void handle_requests(double now);
   void cancel_tasks(double now);
+  // Note [Open input]: an open run pulls only for free slots, so a job handed over later with a higher
+  // priority is not stuck behind one that was pulled early.
   bool wants_input() const {
-    return !stopping() && !source_done && !input_idle && queue.size() <= opt.lookahead / 2;
+    return !stopping() && !source_done && !input_idle && queue.size() <= opt.lookahead / 2 &&
+           (!opt.keep_open || free_slots() > 0);
   }
+  std::size_t free_slots() const;
   RunTotals run();
   void abort_all();
   void loop();

@@ -11,7 +11,9 @@
 #include <condition_variable>
 #include <deque>
 #include <filesystem>
+#include <algorithm>
 #include <fstream>
+#include <functional>
 #include <mutex>
 #include <thread>
 
@@ -39,6 +41,7 @@ struct Feed {
   std::deque<TaskSpec> waiting;
   std::vector<TaskEvent> events;
   std::atomic<int> pulls{0}, empty_pulls{0};
+  std::function<std::size_t()> allow;  // the host's reading of free_slots(), from the pull hook
 
   DispatchHooks hooks() {
     DispatchHooks h;
@@ -46,6 +49,7 @@ struct Feed {
       std::lock_guard<std::mutex> lk(mu);
       ++pulls;
       std::vector<TaskSpec> out;
+      if (allow) max = std::min(max, allow());
       while (!waiting.empty() && out.size() < max) {
         out.push_back(waiting.front());
         waiting.pop_front();
@@ -127,18 +131,21 @@ TEST(DispatchQueue, OpenInputWaitsForMoreAndEndsWhenClosed) {
 
 TEST(DispatchQueue, CancelTaskStopsOneRunningAndRemovesOneQueued) {
   Feed f;
-  Dispatcher d(open_options(1, 1), f.hooks());
+  Dispatcher d(open_options(2, 1), f.hooks());
   std::thread loop([&] { d.run(); });
   const auto dir = std::filesystem::temp_directory_path() / ("gf-cancel-" + std::to_string(::getpid()));
   std::filesystem::create_directories(dir);
   const std::string pidfile = (dir / "pid").string();
-  // task 0 runs (and ignores SIGTERM in its shell: the kill sequence still ends it); task 1 waits
-  // for the one slot; task 2 runs after both.
+  // task 0 runs on one GPU (and ignores SIGTERM in its shell: the kill sequence still ends it); task 1
+  // needs both GPUs, so it waits in the dispatcher's queue; task 2 runs after both.
   f.push(sh(0, "trap '' TERM; echo $$ > " + pidfile + "; sleep 30 & wait"));
-  f.push(sh(1, "exit 0"));
-  f.push(sh(2, "exit 0"));
+  TaskSpec wide = sh(1, "exit 0");
+  wide.gpus = 2;
+  f.push(wide);
   d.notify_input();
   f.wait_for(0, EventKind::Started);
+  for (int i = 0; i < 200 && f.pulls.load() < 2; ++i) std::this_thread::sleep_for(10ms);
+  f.push(sh(2, "exit 0"));
   d.cancel_task(1);  // queued: removed, never started
   auto e1 = f.wait_for(1, EventKind::Finished);
   EXPECT_EQ(e1.status, TaskStatus::Cancelled);
@@ -216,4 +223,32 @@ TEST(DispatchQueue, OutputClaimsEndWithTheirTask) {
   d.close_input();
   loop.join();
   std::filesystem::remove_all(dir);
+}
+
+TEST(DispatchQueue, OpenInputPullsOnlyForFreeSlots) {
+  // One GPU slot: while it is busy nothing more is handed over (the host asks free_slots()), so what
+  // the host hands over next is its choice at the moment the slot frees (a job submitted later with
+  // a higher priority goes first).
+  Feed f;
+  Dispatcher* dp = nullptr;
+  f.allow = [&] { return static_cast<std::size_t>(dp->free_slots().gpu_slots); };
+  Dispatcher d(open_options(1, 1), f.hooks());
+  dp = &d;
+  std::thread loop([&] { d.run(); });
+  f.push(sh(0, "sleep 0.5"));
+  f.push(sh(1, "exit 0"));
+  d.notify_input();
+  f.wait_for(0, EventKind::Started);
+  std::this_thread::sleep_for(100ms);
+  {
+    std::lock_guard<std::mutex> lk(f.mu);
+    ASSERT_EQ(f.waiting.size(), 1u) << "task 1 was pulled while the only slot was busy";
+    f.waiting.push_front(sh(2, "exit 0"));  // the host's new first choice
+  }
+  d.notify_input();
+  auto e2 = f.wait_for(2, EventKind::Started);
+  auto e1 = f.wait_for(1, EventKind::Started);
+  EXPECT_LE(e2.start, e1.start);
+  d.close_input();
+  loop.join();
 }

@@ -65,7 +65,7 @@ def register(sub) -> None:
     p.add_argument("--name", default=None, help="the job's name in listings (default: the command)")
     p.add_argument("--shell", action="store_true", help="CMD is one shell line, run with /bin/sh -c")
     _group_option(p)
-    p.add_argument("command", nargs=argparse.REMAINDER, help="-- CMD ARGS...")
+    p.add_argument("cmd", nargs=argparse.REMAINDER, metavar="command", help="-- CMD ARGS...")
     p.set_defaults(func=cmd_submit)
 
     p = sub.add_parser("queue", help="start, stop or describe the queue's daemon",
@@ -123,7 +123,7 @@ def _fail(cmd: str, msg: str, status: int = 2) -> int:
 # ---- submit --------------------------------------------------------------------------------------
 
 def cmd_submit(args) -> int:
-    words = list(args.command)
+    words = list(args.cmd)
     if words and words[0] == "--":
         words = words[1:]
     if not words:
@@ -196,10 +196,23 @@ def _queue_stop(args) -> int:
         return 0
     except QueueError as e:
         return _fail("queue", str(e), 1)
+    _wait_gone(r["pid"])  # stopped means gone: a start right after must not meet the old daemon
     requeued = r.get("requeued") or []
     print("gpufleet queue: stopped" + (f"; running jobs queued again: {', '.join(map(str, requeued))}" if requeued
                                        else "") + " (queued jobs stay queued)")
     return 0
+
+
+def _wait_gone(pid: int, timeout: float = 60.0) -> None:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        except PermissionError:  # someone else's daemon (a group queue): it still exists
+            pass
+        time.sleep(0.02)
 
 
 def _queue_status(args) -> int:

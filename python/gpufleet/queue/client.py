@@ -61,10 +61,13 @@ def connect(paths: QueuePaths, autostart: bool = True) -> Connection:
     expect = os.geteuid() if paths.group is None else 0
 
     def attempt() -> Connection:
-        if not os.path.lexists(paths.socket):
-            raise FileNotFoundError(paths.socket)
-        check_client_dirs(paths)
-        return Connection(paths.socket, expect)
+        try:
+            os.lstat(paths.socket)
+            check_client_dirs(paths)
+            return Connection(paths.socket, expect)
+        except PermissionError:  # Note [Who may use a queue]: a directory or socket closed to this user
+            raise QueueError(f"permission denied: {paths.describe()} ({paths.runtime}) is not open to uid "
+                             f"{os.geteuid()}") from None
 
     try:
         return attempt()
@@ -91,6 +94,13 @@ class _Clients:
     def __init__(self):
         self.lock = threading.Lock()
         self.conns: dict = {}
+
+    def reset(self) -> None:
+        """Closes every connection (the next request connects again)."""
+        with self.lock:
+            for conn in self.conns.values():
+                conn.close()
+            self.conns.clear()
 
     def request(self, group: Optional[str], op: str, autostart: bool = False, **fields) -> dict:
         paths = locate(group)

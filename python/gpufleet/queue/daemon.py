@@ -53,8 +53,8 @@ class _Handler(socketserver.StreamRequestHandler):
             try:
                 _, uid, _ = peer_credentials(self.connection)  # every request: Note [Who may use a queue]
                 reply = q.requests.handle(msg, uid)
-            except (QueueError, ValueError, TypeError) as e:
-                reply = {"ok": False, "error": str(e)}
+            except (QueueError, ValueError, TypeError) as e:  # the client raises the same kind (bad input: ValueError)
+                reply = {"ok": False, "error": str(e), "kind": type(e).__name__}
             except Exception as e:  # a bug: said to the client and logged, the daemon goes on
                 q.log("request failed:\n" + traceback.format_exc())
                 reply = {"ok": False, "error": f"internal error in the queue daemon: {type(e).__name__}: {e}"}

@@ -73,7 +73,8 @@ class Connection:
         if reply is None:
             raise ConnectionResetError("the queue daemon closed the connection (it stopped, or was killed)")
         if not reply.get("ok"):
-            raise QueueError(reply.get("error") or "the queue daemon refused the request")
+            kind = {"ValueError": ValueError, "TypeError": TypeError}.get(reply.get("kind"), QueueError)
+            raise kind(reply.get("error") or "the queue daemon refused the request")
         return reply
 
     def close(self) -> None:

@@ -12,7 +12,7 @@ from typing import Optional
 from .. import _core, _dispatch
 from .paths import QueueError
 from .runner import HOSTNAME
-from .store import ACTIVE, FINAL
+from .store import ACTIVE, FINAL, dependency_message
 
 _RESERVED_ENV = set(_dispatch._RESERVED_ENV) | {"GPUFLEET_JOB_ID", "GPUFLEET_QUEUE_JOB_ENV"}
 _TAIL_CHUNK = 1 << 20
@@ -89,7 +89,7 @@ class Requests:
             failed = store.failed_dependency(db, after)
             if failed is not None:  # task-spooler's -D: a job after a failed one does not run, visibly
                 db.execute("UPDATE jobs SET state='dependency_failed', ended=?, message=? WHERE id=?",
-                           (time.time(), f"not run: job {failed[0]}, which it runs after, ended {failed[1]}", jid))
+                           (time.time(), dependency_message(*failed), jid))
         self.q.runner.d.notify_input()
         self.q.changed()
         return {"id": jid}
@@ -245,7 +245,7 @@ class Requests:
     def op_stop(self, msg: dict, uid: int) -> dict:
         if uid not in (0, self.q.uid):
             raise QueueError(f"only {user_name(self.q.uid)} (who runs this queue) or root may stop it")
-        return self.q.stop(drain=bool(msg.get("drain")))
+        return {**self.q.stop(drain=bool(msg.get("drain"))), "pid": os.getpid()}
 
 
 def _last_lines_offset(f, size: int, lines: int) -> int:

@@ -161,9 +161,12 @@ class Runner:
     def _pull(self, n: int) -> list:
         if self.stopping:
             return []
+        free = self.d.free_slots()  # Note [Open input]: hand over what fits the free slots, in priority order
+        if not any(free):
+            return []
         specs = []
         with self.store.tx() as db:
-            for row in self.store.take_ready(db, n):
+            for row in self.store.take_ready(db, n, *free):
                 try:
                     spec = self._spec(row)
                 except (ValueError, TypeError, OSError) as e:  # cannot happen for a job checked at submit

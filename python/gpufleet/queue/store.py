@@ -29,6 +29,7 @@ CREATE TABLE IF NOT EXISTS jobs(
   attempts INTEGER DEFAULT 0, retries_used INTEGER DEFAULT 0, hand_attempt INTEGER, devices TEXT, node TEXT, pid INTEGER,
   submitted REAL, started REAL, ended REAL, exit_code INTEGER, signal INTEGER, message TEXT, log_path TEXT);
 CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs(state, handed, priority DESC, id);
+CREATE INDEX IF NOT EXISTS jobs_by_kind ON jobs(state, handed, gpus, priority DESC, id);
 CREATE TABLE IF NOT EXISTS deps(job INTEGER NOT NULL, after INTEGER NOT NULL, PRIMARY KEY(job, after));
 CREATE INDEX IF NOT EXISTS deps_by_after ON deps(after);
 CREATE TABLE IF NOT EXISTS envs(id TEXT PRIMARY KEY, env TEXT NOT NULL);
@@ -57,6 +58,10 @@ def exit_status(state: str, exit_code: Optional[int], sig: Optional[int]) -> Opt
     if sig:
         return 128 + sig
     return exit_code if exit_code is not None else 1
+
+
+def dependency_message(parent: int, state: str) -> str:
+    return f"not run: job {parent}, which it runs after, ended {state}"
 
 
 def env_key(env: dict) -> tuple:
@@ -137,27 +142,48 @@ class Store:
                 return i, row[0]
         return None
 
-    def take_ready(self, db, n: int) -> list:
-        """Up to ``n`` queued jobs whose dependencies all succeeded, highest priority first then oldest,
-        marked as handed to the dispatcher. Rows: the columns the daemon needs to build a task."""
-        rows = db.execute(
+    def take_ready(self, db, n: int, gpu_slots: int, gpu_devices: int, cpu_slots: int) -> list:
+        """The queued jobs whose dependencies all succeeded that fit the free slots (at most ``n``),
+        highest priority first then oldest, marked as handed to the dispatcher (Note [Open input] in
+        csrc/dispatch/scheduler.cpp). Rows: the columns the daemon needs to build a task."""
+        kind = "" if gpu_slots and cpu_slots else " AND j.gpus > 0" if gpu_slots else " AND j.gpus = 0"
+        index = "jobs_by_kind" if kind == " AND j.gpus = 0" else "jobs_by_state"
+        cur = db.execute(
             "SELECT j.id, j.owner, j.name, j.argv, j.shell, j.cwd, e.env, j.outputs, j.gpus, j.min_free_memory, "
-            "j.timeout, j.retries, j.retries_used, j.attempts FROM jobs j LEFT JOIN envs e ON e.id=j.env_id "
-            "WHERE j.state='queued' AND j.handed=0 AND NOT EXISTS (SELECT 1 FROM deps d JOIN jobs p ON p.id=d.after "
-            "WHERE d.job=j.id AND p.state!='succeeded') ORDER BY j.priority DESC, j.id LIMIT ?", (n,)).fetchall()
+            f"j.timeout, j.retries, j.retries_used, j.attempts FROM jobs j INDEXED BY {index} LEFT JOIN envs e ON "
+            "e.id=j.env_id WHERE j.state='queued' AND j.handed=0" + kind + " AND NOT EXISTS (SELECT 1 FROM deps d "
+            "JOIN jobs p ON p.id=d.after WHERE d.job=j.id AND p.state!='succeeded') ORDER BY j.priority DESC, j.id")
+        rows = []
+        for row in cur:  # what does not fit now (2 GPUs, one free) waits: those behind it may go
+            g = row[8]
+            if g == 0 and cpu_slots > 0:
+                cpu_slots -= 1
+            elif 0 < g <= min(gpu_devices, gpu_slots):
+                gpu_slots -= g
+                gpu_devices = min(gpu_devices, gpu_slots)
+            else:
+                if not (gpu_slots or cpu_slots):
+                    break
+                continue
+            rows.append(row)
+            if len(rows) >= n or not (gpu_slots or cpu_slots):
+                break
+        cur.close()
         db.executemany("UPDATE jobs SET handed=1 WHERE id=?", [(r[0],) for r in rows])
         return rows
 
     def fail_dependants(self, db, jid: int, now: float) -> list:
         """Every queued job that (transitively) waits for ``jid``, which ended without success, becomes
-        dependency_failed with a message naming the job it waited for. Returns their ids."""
+        dependency_failed with a message naming the job it waited for and how that ended (the message a
+        job submitted after that end gets too). Returns their ids."""
         out, todo = [], [jid]
         while todo:
             parent = todo.pop()
+            (state,) = db.execute("SELECT state FROM jobs WHERE id=?", (parent,)).fetchone()
             for (child,) in db.execute("SELECT d.job FROM deps d JOIN jobs j ON j.id=d.job WHERE d.after=? AND "
                                        "j.state='queued' AND j.handed=0", (parent,)).fetchall():
                 db.execute("UPDATE jobs SET state='dependency_failed', ended=?, message=? WHERE id=?",
-                           (now, f"not run: job {parent}, which it runs after, did not succeed", child))
+                           (now, dependency_message(parent, state), child))
                 out.append(child)
                 todo.append(child)
         return out
