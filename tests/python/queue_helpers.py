@@ -24,6 +24,7 @@ from gpufleet.queue import client as queue_client
 class Queue:
     def __init__(self, gpus: str = "2"):
         self.dir = tempfile.mkdtemp(prefix="gfq-", dir="/tmp")
+        self.group = None  # a test that makes it a group queue says so (the teardown stops it)
         self.env = stage_env(GPUFLEET_QUEUE_DIR=self.dir, GPUFLEET_SIMULATED_GPUS=gpus)
         for k in ("XDG_RUNTIME_DIR", "XDG_STATE_HOME", "GPUFLEET_QUEUE_GROUP"):
             self.env.pop(k, None)
@@ -78,7 +79,7 @@ class Queue:
     def close(self) -> None:
         pid = self.daemon_pid()
         if pid is not None:
-            self.gf("queue", "stop", timeout=60)
+            self.gf("queue", "stop", *(["--group", self.group] if self.group else []), timeout=60)
             if not wait_for(lambda: self.daemon_pid() is None, 30):
                 os.kill(pid, signal.SIGKILL)
         if os.path.exists(os.path.join(self.dir, "queue.sqlite")):

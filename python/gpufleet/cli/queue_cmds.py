@@ -204,14 +204,15 @@ def _queue_stop(args) -> int:
 
 
 def _wait_gone(pid: int, timeout: float = 60.0) -> None:
+    """Until the process has ended (a zombie waiting for whoever adopted it counts as ended)."""
     end = time.monotonic() + timeout
     while time.monotonic() < end:
         try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
+            with open(f"/proc/{pid}/stat", "rb") as f:
+                if f.read().rsplit(b")", 1)[1].split()[0] == b"Z":
+                    return
+        except OSError:
             return
-        except PermissionError:  # someone else's daemon (a group queue): it still exists
-            pass
         time.sleep(0.02)
 
 
@@ -296,7 +297,8 @@ def cmd_tail(args) -> int:
         return _fail("tail", f"-n {args.lines!r}: expected a number of lines or 'all'")
     out = sys.stdout.buffer
     try:
-        r = _client.request("tail", args.group, id=jid[0], **({"offset": 0} if lines is None else {"lines": int(lines)}))
+        first = {"offset": 0} if lines is None else {"lines": int(lines)}
+        r = _client.request("tail", args.group, id=jid[0], **first)
         path = r["log_path"]
         while True:
             out.write(os.fsencode(r["data"]))

@@ -52,7 +52,8 @@ def start_daemon(paths: QueuePaths, options: Sequence[str] = ()) -> None:
                        stderr=subprocess.PIPE, timeout=300)
     if r.returncode != 0:
         text = r.stderr.decode(errors="replace").strip()
-        raise QueueError(text.removeprefix("gpufleet queue: ") or f"the queue daemon could not start (exit {r.returncode})")
+        raise QueueError(text.removeprefix("gpufleet queue: ")
+                         or f"the queue daemon could not start (exit {r.returncode})")
 
 
 def connect(paths: QueuePaths, autostart: bool = True) -> Connection:

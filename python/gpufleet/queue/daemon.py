@@ -134,9 +134,6 @@ class Daemon:
         from .runner import Runner, recover
         from .store import Store
 
-        if self.group is not None and self.uid != 0:
-            raise QueueError(f"a group queue runs each job as the user who submitted it, so root must start it (sudo "
-                             f"gpufleet queue start --group {self.group}); a private queue needs no root")
         os.umask(0o077)
         for d in {self.paths.runtime, self.paths.state}:
             ensure_dir(d, self.paths)
@@ -189,7 +186,8 @@ class Daemon:
 
     def serve(self) -> None:
         """Until the dispatcher's run ends (stop, or an error): requests on other threads, signals here."""
-        threading.Thread(target=self.server.serve_forever, name="gpufleet-queue-server", daemon=True).start()
+        threading.Thread(target=self.server.serve_forever, args=(0.05,), name="gpufleet-queue-server",
+                         daemon=True).start()
         self.runner.start()
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: threading.Thread(target=self.stop, args=(False,), daemon=True).start())
@@ -248,6 +246,10 @@ def run(paths: QueuePaths, settings: dict, ready=None) -> int:
     """The daemon's life in this process. ``ready(text)`` is called once: "ready", "running PID" (another
     daemon has the queue) or "error: ..."."""
     say = ready or (lambda text: print(f"gpufleet queue: {text}", file=sys.stderr))
+    if paths.group is not None and os.geteuid() != 0:  # before anything is created
+        say(f"error: a group queue runs each job as the user who submitted it, so root must start it (sudo gpufleet "
+            f"queue start --group {paths.group}); a private queue needs no root")
+        return 1
     try:
         for d in {paths.runtime, paths.state}:
             ensure_dir(d, paths)

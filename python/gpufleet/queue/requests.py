@@ -234,8 +234,8 @@ class Requests:
                 if rec["state"] in ACTIVE:
                     raise QueueError(f"job {rec['id']} is {rec['state']}: retry takes a job that has ended")
             for rec in recs:
-                db.execute("UPDATE jobs SET state='queued', handed=0, cancel_requested=0, retries_used=0, exit_code=NULL, "
-                           "signal=NULL, ended=NULL, pid=NULL, message=? WHERE id=?",
+                db.execute("UPDATE jobs SET state='queued', handed=0, cancel_requested=0, retries_used=0, "
+                           "exit_code=NULL, signal=NULL, ended=NULL, pid=NULL, message=? WHERE id=?",
                            (f"retry requested by {user_name(uid)} after it {rec['state']}", rec["id"]))
                 requeued += [rec["id"]] + store.requeue_dependants(db, rec["id"])
         self.q.runner.d.notify_input()
@@ -244,7 +244,8 @@ class Requests:
 
     def op_stop(self, msg: dict, uid: int) -> dict:
         if uid not in (0, self.q.uid):
-            raise QueueError(f"only {user_name(self.q.uid)} (who runs this queue) or root may stop it")
+            who = "root" if self.q.uid == 0 else f"{user_name(self.q.uid)} (who runs this queue) or root"
+            raise QueueError(f"only {who} may stop this queue")
         return {**self.q.stop(drain=bool(msg.get("drain"))), "pid": os.getpid()}
 
 

@@ -12,6 +12,7 @@ import json
 import os
 import pwd
 import sys
+import warnings  # noqa: F401 - os.execvpe imports it; after the drop the interpreter's files may be out of reach
 
 ENV_VAR = "GPUFLEET_QUEUE_JOB_ENV"
 _KEEP = ("CUDA_VISIBLE_DEVICES", "CUDA_DEVICE_ORDER", "GPUFLEET_TASK_ID", "GPUFLEET_TASK_NAME", "GPUFLEET_DEVICE",

@@ -92,7 +92,8 @@ def recover(store: Store, grace: float, log: Callable[[str], None]) -> dict:
                 continue
             jstate, jattempt, code, sig, start, end, message, log_path, device, run_id = t
             if jstate == "running" and _outputs_renamed_since(json.loads(outputs or "[]"), start or now):
-                jstate, code, message = "succeeded", 0, "succeeded (its outputs were renamed into place) as the daemon ended"
+                jstate, code = "succeeded", 0
+                message = "succeeded (its outputs were renamed into place) as the daemon ended"
             if jstate in FINAL and not (jstate == "cancelled" and not cancel_req):
                 db.execute("UPDATE jobs SET state=?, handed=0, attempts=?, exit_code=?, signal=?, ended=?, message=?, "
                            "log_path=? WHERE id=?", (jstate, jattempt, code, sig, end or now, message, log_path, jid))
@@ -129,12 +130,12 @@ class Runner:
         self.messages: list = []
         self.stopping = False
         self.error: Optional[BaseException] = None
-        # A few jobs ahead of the slots (Note [Open input]): a job submitted later with a higher priority
-        # overtakes every job not yet handed over.
+        # Jobs are handed over for free slots only (Note [Open input]); the lookahead bounds those that wait
+        # there for memory. Log files per attempt, the journal in the queue's database, events every 20 ms.
         self.d = _core.Dispatcher(
-            ordinals, slots, cpu_slots, int(settings["quarantine_after"]), float(settings["kill_grace"]), 1.0, "files", os.fsencode(logs), os.fsencode(store.path), False,
-            False, 2 * total + 2, 0.5, 0.02, b"gpufleet queue daemon", self._pull, self._on_events, -1, None,
-            keep_open=True)
+            ordinals, slots, cpu_slots, int(settings["quarantine_after"]), float(settings["kill_grace"]), 1.0,
+            "files", os.fsencode(logs), os.fsencode(store.path), False, False, 2 * total + 2, 0.5, 0.02,
+            b"gpufleet queue daemon", self._pull, self._on_events, -1, None, keep_open=True)
         with store.tx() as db:
             store.set_meta(db, "marker", self.d.marker)
             store.set_meta(db, "run_id", self.d.run_id)
@@ -228,9 +229,9 @@ class Runner:
         hand, cancel_req, used = db.execute("SELECT hand_attempt, cancel_requested, retries_used FROM jobs WHERE id=?",
                                             (jid,)).fetchone()
         if not ev.final:
-            db.execute("UPDATE jobs SET state='retrying', pid=NULL, ended=?, exit_code=?, signal=?, message=? WHERE id=?",
-                       (ev.end, ev.exit_code, ev.signal, f"attempt {ev.attempt} {ev.status}: {ev.message}; retrying",
-                        jid))
+            why = f"attempt {ev.attempt} {ev.status}: {ev.message}; retrying"
+            db.execute("UPDATE jobs SET state='retrying', pid=NULL, ended=?, exit_code=?, signal=?, message=? "
+                       "WHERE id=?", (ev.end, ev.exit_code, ev.signal, why, jid))
             return False
         if ev.status == "cancelled" and not cancel_req:  # the queue stopped, the job did nothing wrong
             why = f"attempt {ev.attempt} was interrupted: the queue stopped; queued again"
