@@ -14,7 +14,10 @@ stage=${2:-build/nocuda/stage}
 VENV=${VENV:-.venv}
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
-PYTHONPATH="$stage" "$VENV/bin/pybind11-stubgen" gpufleet._core -o "$tmp" --exit-code >"$tmp/log" 2>&1 || {
+# The package loads its parts lazily (Note [Lazy package] in python/gpufleet/__init__.py), and the parts add
+# Python methods to _core's classes (Tensor.__array__, ...): every part is loaded before the stubs are made.
+PYTHONPATH="$stage" "$VENV/bin/python" -c 'import sys, gpufleet; gpufleet._load()
+from pybind11_stubgen import main; main(sys.argv[1:])' gpufleet._core -o "$tmp" --exit-code >"$tmp/log" 2>&1 || {
   cat "$tmp/log" >&2; echo "stubs: pybind11-stubgen failed (a signature it cannot express?)" >&2; exit 1; }
 # Two fix-ups of what pybind11-stubgen writes: it takes the class gpufleet._core.dtype, named as NumPy's,
 # for numpy.dtype in the `self` of its methods (`self` needs no annotation); and it imports the

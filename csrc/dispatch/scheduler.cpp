@@ -126,6 +126,7 @@ void Dispatcher::Impl::finish_unstarted(const TaskSpec& t, TaskStatus status, co
 //   queue must not burn its backlog on a broken machine; restarting the host's dispatcher clears
 //   quarantine.
 void Dispatcher::Impl::cancel_tasks(double now) {
+  if (!cancel_pending.exchange(false)) return;  // the usual case: no lock on the loop's path
   std::vector<std::int64_t> seqs;
   {
     std::lock_guard<std::mutex> lk(cancel_mu);
@@ -412,6 +413,7 @@ void Dispatcher::cancel_task(std::int64_t seq) {
     std::lock_guard<std::mutex> lk(impl_->cancel_mu);
     impl_->cancel_seqs.push_back(seq);
   }
+  impl_->cancel_pending = true;
   impl_->poke();
 }
 Dispatcher::FreeSlots Dispatcher::free_slots() const {

@@ -110,6 +110,7 @@ struct Dispatcher::Impl {
   std::atomic<bool> input_ready{false}, input_closed{false};
   bool input_idle = false;            // the last pull was empty and nothing said there is more since
   bool quarantine_wait_warned = false;
+  std::atomic<bool> cancel_pending{false};
   std::mutex cancel_mu;
   std::vector<std::int64_t> cancel_seqs;  // cancel_task() requests, taken by handle_requests()
 

@@ -23,25 +23,12 @@
 #include "dispatch/process.h"
 #include "dispatch/scheduler.h"
 #include "dispatch/supervisor.h"
+#include "dispatch_test_util.h"
 
 using namespace gpufleet::dispatch;
+using namespace gpufleet::dispatch::test_util;
 
 namespace {
-
-std::vector<PoolDevice> fake_pool(int n) {
-  std::vector<PoolDevice> p;
-  for (int i = 0; i < n; ++i) p.push_back({i, i, std::to_string(i), "sim"});
-  return p;
-}
-
-TaskSpec sh(std::int64_t seq, const std::string& script) {
-  TaskSpec t;
-  t.seq = seq;
-  t.key = "k" + std::to_string(seq);
-  t.name = "t" + std::to_string(seq);
-  t.argv = {"/bin/sh", "-c", script};
-  return t;
-}
 
 struct Collected {
   std::vector<TaskEvent> events;

@@ -57,6 +57,14 @@ report.plot_timeline("timeline.png")
 task = gpufleet.Task(["echo", "hi"], timeout=10, retries=1)
 gpufleet.run([task], slots_per_device="2")  # type: ignore[arg-type]
 
+# ---- queue ----------------------------------------------------------------------------------------------
+job: gpufleet.Job = gpufleet.submit(["python", "train.py"], min_free_memory="20GiB", after=[gpufleet.Job(3)])
+job_state: str = job.status
+job_status: int = job.wait(timeout=60.0)
+job_exit: Optional[int] = job.exit_status
+job_log: str = job.log
+job.wait(timeout="soon")  # type: ignore[arg-type]
+
 # ---- executor and spawn ---------------------------------------------------------------------------------
 
 

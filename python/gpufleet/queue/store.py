@@ -27,7 +27,8 @@ CREATE TABLE IF NOT EXISTS jobs(
   cwd TEXT, env_id TEXT, outputs TEXT, gpus INTEGER, min_free_memory INTEGER, timeout REAL, retries INTEGER,
   priority INTEGER, state TEXT NOT NULL, handed INTEGER DEFAULT 0, cancel_requested INTEGER DEFAULT 0,
   attempts INTEGER DEFAULT 0, retries_used INTEGER DEFAULT 0, hand_attempt INTEGER, devices TEXT, node TEXT,
-  pid INTEGER, submitted REAL, started REAL, ended REAL, exit_code INTEGER, signal INTEGER, message TEXT, log_path TEXT);
+  pid INTEGER, submitted REAL, started REAL, ended REAL, exit_code INTEGER, signal INTEGER, message TEXT,
+  log_path TEXT);
 CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs(state, handed, priority DESC, id);
 CREATE INDEX IF NOT EXISTS jobs_by_kind ON jobs(state, handed, gpus, priority DESC, id);
 CREATE TABLE IF NOT EXISTS deps(job INTEGER NOT NULL, after INTEGER NOT NULL, PRIMARY KEY(job, after));
