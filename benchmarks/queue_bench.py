@@ -32,30 +32,30 @@ _SUBMITTER = textwrap.dedent("""
     mode, n, start = sys.argv[1], int(sys.argv[2]), sys.argv[3]
     if mode == "api":
         import gpufleet.queue as q
-        submit = lambda: q.submit(["true"])
+        submit = lambda: q.submit(["true"]).id
     else:
         argv = ["tsp", "true"] if mode == "ts" else [sys.executable, "-m", "gpufleet", "submit", "--", "true"]
-        submit = lambda: subprocess.run(argv, stdout=subprocess.DEVNULL, check=True)
+        submit = lambda: int(subprocess.run(argv, stdout=subprocess.PIPE, check=True).stdout)
     while not os.path.exists(start):
         time.sleep(0.0005)
     lat = []
     t_first = time.time()
     for _ in range(n):
         t0 = time.perf_counter()
-        submit()
+        last = submit()
         lat.append(time.perf_counter() - t0)
-    print(json.dumps({"first": t_first, "lat": lat}))
+    print(json.dumps({"first": t_first, "lat": lat, "last": last}))
 """)
 
 
-def _submitters(mode: str, n: int, env: dict, workdir: str) -> tuple[float, list]:
+def _submitters(mode: str, n: int, env: dict, workdir: str) -> tuple:
     start = os.path.join(workdir, "go")
     per = [n // SUBMITTERS + (1 if i < n % SUBMITTERS else 0) for i in range(SUBMITTERS)]
     procs = [subprocess.Popen([sys.executable, "-c", _SUBMITTER, mode, str(k), start], env=env, cwd=workdir,
                               stdout=subprocess.PIPE, text=True) for k in per]
     time.sleep(0.5)  # every submitter is up and waiting
     open(start, "w").close()
-    firsts, lat = [], []
+    firsts, lat, lasts = [], [], []
     for p in procs:
         out, _ = p.communicate()
         if p.returncode != 0:
@@ -63,8 +63,9 @@ def _submitters(mode: str, n: int, env: dict, workdir: str) -> tuple[float, list
         r = json.loads(out)
         firsts.append(r["first"])
         lat += r["lat"]
+        lasts.append(r["last"])
     os.unlink(start)
-    return min(firsts), lat
+    return min(firsts), lat, lasts
 
 
 def run_gpufleet(mode: str, n: int, base_env: dict) -> dict:
@@ -73,10 +74,10 @@ def run_gpufleet(mode: str, n: int, base_env: dict) -> dict:
     gf = [sys.executable, "-m", "gpufleet"]
     try:
         subprocess.run(gf + ["queue", "start", "--slots", "1"], env=env, check=True, stdout=subprocess.DEVNULL)
-        first, lat = _submitters(mode, n, env, d)
+        first, lat, _ = _submitters(mode, n, env, d)
         r = subprocess.run(gf + ["ls", "--json"], env=env, check=True, capture_output=True, text=True)
         ids = [j["id"] for j in json.loads(r.stdout)["jobs"]]
-        w = subprocess.run(gf + ["wait", *map(str, ids)], env=env, capture_output=True, text=True)
+        w = subprocess.run(gf + ["wait", *map(str, ids)], env=env, capture_output=True, text=True)  # blocks
         r = subprocess.run(gf + ["ls", "--json"], env=env, check=True, capture_output=True, text=True)
         jobs = json.loads(r.stdout)["jobs"]
         if w.returncode != 0 or len(jobs) != n or any(j["state"] != "succeeded" for j in jobs):
@@ -93,14 +94,18 @@ def run_ts(n: int, base_env: dict) -> dict:
     env = {**base_env, "TS_SOCKET": os.path.join(d, "ts.sock"), "TMPDIR": d, "TS_MAXFINISHED": str(n + 10)}
     try:
         subprocess.run(["tsp", "-S", str(SLOTS)], env=env, check=True)
-        first, lat = _submitters("ts", n, env, d)
-        while True:  # ts has no "wait for all": its list, until nothing is queued or running
+        first, lat, lasts = _submitters("ts", n, env, d)
+        # ts keeps no end time per job and has no "wait for all": -w (blocking, no load on its server) on
+        # each submitter's last job, the last to start; then its list, polled if anything still runs.
+        for jid in lasts:
+            subprocess.run(["tsp", "-w", str(jid)], env=env, stdout=subprocess.DEVNULL)
+        while True:
             out = subprocess.run(["tsp", "-l"], env=env, check=True, capture_output=True, text=True).stdout
             states = [ln.split()[1] for ln in out.splitlines()[1:] if ln.strip()]
             if len(states) == n and all(s == "finished" for s in states):
                 break
-            time.sleep(0.05)
-        last = time.time()  # ts keeps no end time per job: the moment the list showed all finished
+            time.sleep(0.02)
+        last = time.time()
         bad = [ln for ln in out.splitlines()[1:] if ln.split()[3] != "0"]
         if bad:
             raise RuntimeError(f"ts: {len(bad)} jobs did not exit 0")
@@ -127,7 +132,11 @@ def main() -> int:
     if shutil.which("tsp") is None:
         print("queue_bench: needs task-spooler's tsp (Debian: apt-get install task-spooler)", file=sys.stderr)
         return 2
-    env = dict(os.environ)
+    import gpufleet
+
+    env = dict(os.environ)  # the submitters run elsewhere: the same gpufleet by an absolute path
+    env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(os.path.dirname(os.path.abspath(gpufleet.__file__)))] +
+                                        ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
     modes = [m for m in args.modes.split(",") if m]
     print(f"# {time.strftime('%Y-%m-%d %H:%M %Z')}, load {os.getloadavg()[0]:.1f}, {SUBMITTERS} submitters, "
           f"{SLOTS} slots", flush=True)
@@ -147,7 +156,8 @@ def main() -> int:
         for k, name in ((0, "ts"), (1, f"gpufleet-{mode}")):
             xs = [p[k] for p in pairs]
             rng = lambda key: f"{min(x[key] for x in xs):.1f}-{max(x[key] for x in xs):.1f}"  # noqa: E731
-            ratio = "" if k == 0 else f"{min(p[1]['ratio'] for p in pairs):.2f}-{max(p[1]['ratio'] for p in pairs):.2f}x"
+            ratios = [p[1]["ratio"] for p in pairs]
+            ratio = "" if k == 0 else f"{min(ratios):.2f}-{max(ratios):.2f}x"
             print(f"{name:<17} {xs[0]['jobs']:>5}   {rng('median_ms'):>10} ms   {rng('p99_ms'):>9} ms   "
                   f"{rng('jobs_per_s'):>15} jobs/s   {ratio}")
     return 0

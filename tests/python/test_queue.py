@@ -216,5 +216,5 @@ def test_stop_drain_lets_jobs_finish_and_stop_queues_running_jobs_again(queue, t
     queue.gf("queue", "start", check=True)
     until(lambda: "start 2" in lines(log), what="the second attempt")
     queue.gf("cancel", interrupted, check=True)
-    journal = queue.gf("journal", os.path.join(queue.dir, "queue.sqlite"), "--json", check=True)
+    journal = queue.gf("journal", os.path.join(queue.dir, "journal.sqlite"), "--json", check=True)
     assert "interrupted" in journal.stdout

@@ -102,7 +102,7 @@ def test_daemon_sigkilled_mid_run_loses_nothing_leaves_no_orphan_and_reruns_the_
     starts = [ln.split()[1:] for ln in lines(log) if ln.startswith("start")]
     for jid in killed:
         assert [a for j, a in starts if int(j) == jid] == ["1", "2"]
-    db = sqlite3.connect(os.path.join(q.dir, "queue.sqlite"))
+    db = sqlite3.connect(os.path.join(q.dir, "journal.sqlite"))
     try:
         rows = db.execute("SELECT key, attempt, status, message FROM attempts WHERE status='interrupted'").fetchall()
     finally:
@@ -121,7 +121,7 @@ def test_restart_takes_a_jobs_end_from_the_journal_when_the_queue_missed_it(queu
     # as if the daemon had been killed between the journal's commit of the end and its own
     db = sqlite3.connect(os.path.join(queue.dir, "queue.sqlite"))
     with db:
-        db.execute("UPDATE jobs SET state='running', handed=1, ended=NULL, exit_code=NULL WHERE id=?", (jid,))
+        db.execute("UPDATE jobs SET state='running', ended=NULL, exit_code=NULL WHERE id=?", (jid,))
     db.close()
     queue.gf("queue", "start", check=True)
     rec = queue.job(jid)

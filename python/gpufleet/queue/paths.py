@@ -72,6 +72,10 @@ class QueuePaths:
         return os.path.join(self.state, "queue.sqlite")
 
     @property
+    def journal(self) -> str:  # the dispatcher's (Note [Queue throughput] in runner.py)
+        return os.path.join(self.state, "journal.sqlite")
+
+    @property
     def lock(self) -> str:
         return os.path.join(self.state, "daemon.lock")
 

@@ -12,7 +12,7 @@ from typing import Optional
 from .. import _core, _dispatch
 from .paths import QueueError
 from .runner import HOSTNAME
-from .store import ACTIVE, FINAL, dependency_message
+from .store import ACTIVE, FINAL, dependency_message, env_key
 
 _RESERVED_ENV = set(_dispatch._RESERVED_ENV) | {"GPUFLEET_JOB_ID", "GPUFLEET_QUEUE_JOB_ENV"}
 _TAIL_CHUNK = 1 << 20
@@ -46,13 +46,14 @@ class Requests:
     def __init__(self, daemon):
         self.q = daemon
 
-    def handle(self, msg: dict, uid: int) -> dict:
+    def handle(self, msg: dict, uid: int, conn: dict) -> dict:
+        """``conn``: what the daemon keeps per connection (the environment sent last)."""
         op = msg.get("op")
         method = getattr(self, f"op_{op}", None) if isinstance(op, str) else None
         if method is None:
             raise QueueError(f"unknown request {op!r}")
         self.q.authorize(uid)
-        reply = method(msg, uid) or {}
+        reply = (method(msg, uid, conn) if op == "submit" else method(msg, uid)) or {}
         reply["ok"] = True
         return reply
 
@@ -69,8 +70,8 @@ class Requests:
 
     # ---- submit ---------------------------------------------------------------------------------------
 
-    def op_submit(self, msg: dict, uid: int) -> dict:
-        job = self._checked_job(msg)
+    def op_submit(self, msg: dict, uid: int, conn: dict) -> dict:
+        job = self._checked_job(msg, conn)
         after = msg.get("after") or []
         if after:
             _ids(after, "after")
@@ -81,28 +82,35 @@ class Requests:
                 if row[0] is None:
                     raise QueueError("-d (after the previous job): you have no job in this queue yet")
                 after = sorted(set(after) | {row[0]})
-            unknown = store.unknown_jobs(db, after)
+            states = store.states(db, after)
+            unknown = [a for a in after if a not in states]
             if unknown:
                 raise QueueError(f"--after {unknown[0]}: no such job in {self.q.paths.describe()}")
             job["after"] = after
-            jid = store.add_job(db, uid, job, job.pop("env"))
-            failed = store.failed_dependency(db, after)
+            row = store.add_job(db, uid, job, conn["env"][1])
+            failed = next(((a, states[a]) for a in after if states[a] in FINAL and states[a] != "succeeded"), None)
             if failed is not None:  # task-spooler's -D: a job after a failed one does not run, visibly
                 db.execute("UPDATE jobs SET state='dependency_failed', ended=?, message=? WHERE id=?",
-                           (time.time(), dependency_message(*failed), jid))
+                           (time.time(), dependency_message(*failed), row[0]))
+            else:
+                self.q.backlog.add(row, [a for a in after if states[a] != "succeeded"])
         self.q.runner.d.notify_input()
         self.q.changed()
-        return {"id": jid}
+        return {"id": row[0]}
 
-    def _checked_job(self, msg: dict) -> dict:
+    def _checked_job(self, msg: dict, conn: dict) -> dict:
         """The job's fields, checked as `gpufleet run` checks a task (gpufleet.Task), plus the queue's own
-        limits (the pool's size). ValueError and TypeError name what was wrong."""
+        limits (the pool's size). ValueError and TypeError name what was wrong. An environment the
+        connection sent before comes as "same" (client.py): it was checked then."""
         shell = bool(msg.get("shell"))
         cmd = msg.get("cmd") if shell else msg.get("argv")
-        env = msg.get("env") or {}
-        if not isinstance(env, dict):
+        env, key = msg.get("env"), None
+        if env == "same" and "env" in conn:
+            env, key = conn["env"]
+        elif not isinstance(env, dict):
             raise TypeError(f"env must be a mapping of names to values, got {env!r}")
-        env = {k: v for k, v in env.items() if k not in _RESERVED_ENV}
+        else:
+            env = {k: v for k, v in env.items() if k not in _RESERVED_ENV}
         cwd = msg.get("cwd")
         if not isinstance(cwd, str) or not os.path.isabs(cwd):
             raise ValueError(f"cwd must be an absolute path, got {cwd!r}")
@@ -114,11 +122,13 @@ class Requests:
                            min_free_memory=msg.get("min_free_memory"), timeout=msg.get("timeout"),
                            retries=_int(msg, "retries", 0, 0), name=msg.get("name"), shell=shell)
         t._spec(0, "", len(self.q.runner.pool), keyed=False)  # {output} without an output, and the like
+        if key is None:
+            conn["env"] = (env, env_key(t.env))
         pool = self.q.runner.names
         if t.gpus > len(pool):
             raise ValueError(f"--gpus {t.gpus}: the queue's GPU pool has {len(pool)} ({', '.join(pool) or 'none'}); "
                              "--gpus 0 runs a CPU job")
-        return {"name": t.name, "argv": t.cmd, "shell": shell, "cwd": t.cwd, "env": t.env, "outputs": t.outputs,
+        return {"name": t.name, "argv": t.cmd, "shell": shell, "cwd": t.cwd, "outputs": t.outputs,
                 "gpus": t.gpus, "min_free_memory": t.min_free_memory, "timeout": t.timeout or None,
                 "retries": t.retries, "priority": _int(msg, "priority", 0)}
 
@@ -200,10 +210,10 @@ class Requests:
                 jid = rec["id"]
                 if rec["state"] in FINAL:
                     notes[jid] = f"job {jid} had already ended ({rec['state']})"
-                elif rec["state"] == "queued" and not rec["handed"]:
-                    db.execute("UPDATE jobs SET state='cancelled', cancel_requested=1, ended=?, message=? WHERE id=?",
-                               (now, f"cancelled by {user_name(uid)} before it started", jid))
-                    store.fail_dependants(db, jid, now)
+                elif rec["state"] == "queued" and self.q.backlog.withdraw(jid):  # not handed to the dispatcher
+                    db.execute("UPDATE jobs SET state='cancelled', cancel_requested=?, ended=?, message=? WHERE id=?",
+                               (uid + 1, now, f"cancelled by {user_name(uid)} before it started", jid))
+                    self.q.backlog.drop(store.fail_dependants(db, jid, now))
                 else:  # the canceller's uid + 1: the Finished event names them (runner.py)
                     db.execute("UPDATE jobs SET cancel_requested=? WHERE id=?", (uid + 1, jid))
                     self.q.runner.d.cancel_task(jid - 1)
@@ -234,10 +244,12 @@ class Requests:
                 if rec["state"] in ACTIVE:
                     raise QueueError(f"job {rec['id']} is {rec['state']}: retry takes a job that has ended")
             for rec in recs:
-                db.execute("UPDATE jobs SET state='queued', handed=0, cancel_requested=0, retries_used=0, "
-                           "exit_code=NULL, signal=NULL, ended=NULL, pid=NULL, message=? WHERE id=?",
+                db.execute("UPDATE jobs SET state='queued', cancel_requested=0, retries_used=0, exit_code=NULL, "
+                           "signal=NULL, ended=NULL, pid=NULL, message=? WHERE id=?",
                            (f"retry requested by {user_name(uid)} after it {rec['state']}", rec["id"]))
                 requeued += [rec["id"]] + store.requeue_dependants(db, rec["id"])
+            for jid in requeued:
+                self.q.backlog.add(store.job_row(db, jid), store.pending_deps(db, jid))
         self.q.runner.d.notify_input()
         self.q.changed()
         return {"requeued": requeued}

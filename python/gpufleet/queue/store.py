@@ -25,12 +25,10 @@ _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs(
   id INTEGER PRIMARY KEY AUTOINCREMENT, owner INTEGER NOT NULL, name TEXT, argv TEXT NOT NULL, shell INTEGER,
   cwd TEXT, env_id TEXT, outputs TEXT, gpus INTEGER, min_free_memory INTEGER, timeout REAL, retries INTEGER,
-  priority INTEGER, state TEXT NOT NULL, handed INTEGER DEFAULT 0, cancel_requested INTEGER DEFAULT 0,
-  attempts INTEGER DEFAULT 0, retries_used INTEGER DEFAULT 0, hand_attempt INTEGER, devices TEXT, node TEXT,
-  pid INTEGER, submitted REAL, started REAL, ended REAL, exit_code INTEGER, signal INTEGER, message TEXT,
-  log_path TEXT);
-CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs(state, handed, priority DESC, id);
-CREATE INDEX IF NOT EXISTS jobs_by_kind ON jobs(state, handed, gpus, priority DESC, id);
+  priority INTEGER, state TEXT NOT NULL, cancel_requested INTEGER DEFAULT 0, attempts INTEGER DEFAULT 0,
+  retries_used INTEGER DEFAULT 0, devices TEXT, node TEXT, pid INTEGER, submitted REAL, started REAL, ended REAL,
+  exit_code INTEGER, signal INTEGER, message TEXT, log_path TEXT);
+CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs(state);
 CREATE TABLE IF NOT EXISTS deps(job INTEGER NOT NULL, after INTEGER NOT NULL, PRIMARY KEY(job, after));
 CREATE INDEX IF NOT EXISTS deps_by_after ON deps(after);
 CREATE TABLE IF NOT EXISTS envs(id TEXT PRIMARY KEY, env TEXT NOT NULL);
@@ -40,6 +38,11 @@ CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT);
 _COLUMNS = ("id", "owner", "name", "argv", "shell", "cwd", "outputs", "gpus", "min_free_memory", "timeout", "retries",
             "priority", "state", "attempts", "devices", "node", "pid", "submitted", "started", "ended", "exit_code",
             "signal", "message", "log_path")
+
+
+# backlog.py's row of a queued job
+JOB_ROW = ("SELECT j.id, j.owner, j.name, j.argv, j.shell, j.cwd, e.env, j.outputs, j.gpus, j.min_free_memory, "
+           "j.timeout, j.retries, j.retries_used, j.attempts, j.priority FROM jobs j LEFT JOIN envs e ON e.id=j.env_id")
 
 
 def exit_status(state: str, exit_code: Optional[int], sig: Optional[int]) -> Optional[int]:
@@ -114,64 +117,46 @@ class Store:
 
     # ---- jobs ---------------------------------------------------------------------------------------
 
-    def add_job(self, db, owner: int, job: dict, env: dict) -> int:
-        """Inserts a job (already validated) inside the caller's transaction; returns its id."""
-        eid, text = env_key(env)
+    def add_job(self, db, owner: int, job: dict, env: tuple) -> tuple:
+        """Inserts a job (already validated) inside the caller's transaction; ``env`` is env_key()'s pair.
+        Returns its row for the backlog (backlog.py's columns)."""
+        eid, text = env
         db.execute("INSERT OR IGNORE INTO envs VALUES(?,?)", (eid, text))
+        argv, outputs = json.dumps(job["argv"]), json.dumps(job["outputs"])
         cur = db.execute(
             "INSERT INTO jobs(owner,name,argv,shell,cwd,env_id,outputs,gpus,min_free_memory,timeout,retries,priority,"
             "state,submitted) VALUES(?,?,?,?,?,?,?,?,?,?,?,?,'queued',?)",
-            (owner, job["name"], json.dumps(job["argv"]), int(job["shell"]), job["cwd"], eid,
-             json.dumps(job["outputs"]), job["gpus"], job["min_free_memory"], job["timeout"], job["retries"],
-             job["priority"], time.time()))
+            (owner, job["name"], argv, int(job["shell"]), job["cwd"], eid, outputs, job["gpus"],
+             job["min_free_memory"], job["timeout"], job["retries"], job["priority"], time.time()))
         jid = cur.lastrowid
-        db.executemany("INSERT OR IGNORE INTO deps VALUES(?,?)", [(jid, a) for a in job["after"]])
-        return jid
+        if job["after"]:
+            db.executemany("INSERT OR IGNORE INTO deps VALUES(?,?)", [(jid, a) for a in job["after"]])
+        return (jid, owner, job["name"], argv, int(job["shell"]), job["cwd"], text, outputs, job["gpus"],
+                job["min_free_memory"], job["timeout"], job["retries"], 0, 0, job["priority"])
 
-    def unknown_jobs(self, db, ids: Iterable[int]) -> list:
+    def states(self, db, ids: Iterable[int]) -> dict:
+        """id -> state of those of ``ids`` that exist."""
         ids = list(ids)
         if not ids:
-            return []
-        found = {r[0] for r in db.execute(f"SELECT id FROM jobs WHERE id IN ({','.join('?' * len(ids))})", ids)}
-        return [i for i in ids if i not in found]
+            return {}
+        return dict(db.execute(f"SELECT id, state FROM jobs WHERE id IN ({','.join('?' * len(ids))})", ids))
 
-    def failed_dependency(self, db, ids: Iterable[int]) -> Optional[tuple]:
-        """(id, state) of the first of ``ids`` that ended without success, or None."""
-        for i in ids:
-            row = db.execute("SELECT state FROM jobs WHERE id=?", (i,)).fetchone()
-            if row and row[0] in FINAL and row[0] != "succeeded":
-                return i, row[0]
-        return None
+    def job_row(self, db, jid: int) -> tuple:
+        """What the dispatcher's task needs of a queued job (backlog.py's columns)."""
+        return db.execute(JOB_ROW + " WHERE j.id=?", (jid,)).fetchone()
 
-    def take_ready(self, db, n: int, gpu_slots: int, gpu_devices: int, cpu_slots: int) -> list:
-        """The queued jobs whose dependencies all succeeded that fit the free slots (at most ``n``),
-        highest priority first then oldest, marked as handed to the dispatcher (Note [Open input] in
-        csrc/dispatch/scheduler.cpp). Rows: the columns the daemon needs to build a task."""
-        kind = "" if gpu_slots and cpu_slots else " AND j.gpus > 0" if gpu_slots else " AND j.gpus = 0"
-        index = "jobs_by_kind" if kind == " AND j.gpus = 0" else "jobs_by_state"
-        cur = db.execute(
-            "SELECT j.id, j.owner, j.name, j.argv, j.shell, j.cwd, e.env, j.outputs, j.gpus, j.min_free_memory, "
-            f"j.timeout, j.retries, j.retries_used, j.attempts FROM jobs j INDEXED BY {index} LEFT JOIN envs e ON "
-            "e.id=j.env_id WHERE j.state='queued' AND j.handed=0" + kind + " AND NOT EXISTS (SELECT 1 FROM deps d "
-            "JOIN jobs p ON p.id=d.after WHERE d.job=j.id AND p.state!='succeeded') ORDER BY j.priority DESC, j.id")
-        rows = []
-        for row in cur:  # what does not fit now (2 GPUs, one free) waits: those behind it may go
-            g = row[8]
-            if g == 0 and cpu_slots > 0:
-                cpu_slots -= 1
-            elif 0 < g <= min(gpu_devices, gpu_slots):
-                gpu_slots -= g
-                gpu_devices = min(gpu_devices, gpu_slots)
-            else:
-                if not (gpu_slots or cpu_slots):
-                    break
-                continue
-            rows.append(row)
-            if len(rows) >= n or not (gpu_slots or cpu_slots):
-                break
-        cur.close()
-        db.executemany("UPDATE jobs SET handed=1 WHERE id=?", [(r[0],) for r in rows])
-        return rows
+    def pending_deps(self, db, jid: int) -> set:
+        """The jobs ``jid`` runs after that have not succeeded yet."""
+        return {a for (a,) in db.execute("SELECT d.after FROM deps d JOIN jobs p ON p.id=d.after WHERE d.job=? AND "
+                                         "p.state!='succeeded'", (jid,))}
+
+    def queued(self, db) -> list:
+        """(row, pending dependencies) of every queued job, for the backlog of a daemon that starts."""
+        pending: dict = {}
+        for job, after in db.execute("SELECT d.job, d.after FROM deps d JOIN jobs j ON j.id=d.job JOIN jobs p ON "
+                                     "p.id=d.after WHERE j.state='queued' AND p.state!='succeeded'"):
+            pending.setdefault(job, set()).add(after)
+        return [(r, pending.get(r[0], ())) for r in db.execute(JOB_ROW + " WHERE j.state='queued' ORDER BY j.id")]
 
     def fail_dependants(self, db, jid: int, now: float) -> list:
         """Every queued job that (transitively) waits for ``jid``, which ended without success, becomes
@@ -182,7 +167,7 @@ class Store:
             parent = todo.pop()
             (state,) = db.execute("SELECT state FROM jobs WHERE id=?", (parent,)).fetchone()
             for (child,) in db.execute("SELECT d.job FROM deps d JOIN jobs j ON j.id=d.job WHERE d.after=? AND "
-                                       "j.state='queued' AND j.handed=0", (parent,)).fetchall():
+                                       "j.state='queued'", (parent,)).fetchall():
                 db.execute("UPDATE jobs SET state='dependency_failed', ended=?, message=? WHERE id=?",
                            (now, dependency_message(parent, state), child))
                 out.append(child)
@@ -197,17 +182,13 @@ class Store:
             parent = todo.pop()
             for (child,) in db.execute("SELECT d.job FROM deps d JOIN jobs j ON j.id=d.job WHERE d.after=? AND "
                                        "j.state='dependency_failed'", (parent,)).fetchall():
-                db.execute("UPDATE jobs SET state='queued', handed=0, ended=NULL, message=NULL WHERE id=?", (child,))
+                db.execute("UPDATE jobs SET state='queued', ended=NULL, message=NULL WHERE id=?", (child,))
                 out.append(child)
                 todo.append(child)
         return out
 
-    def dependants_waiting(self, db, jid: int) -> bool:
-        return db.execute("SELECT 1 FROM deps d JOIN jobs j ON j.id=d.job WHERE d.after=? AND j.state='queued' "
-                          "LIMIT 1", (jid,)).fetchone() is not None
-
     def row(self, db, jid: int) -> Optional[dict]:
-        r = db.execute(f"SELECT {','.join(_COLUMNS)}, handed, cancel_requested FROM jobs WHERE id=?",
+        r = db.execute(f"SELECT {','.join(_COLUMNS)}, cancel_requested FROM jobs WHERE id=?",
                        (jid,)).fetchone()
         return None if r is None else self._record(db, r)
 
@@ -216,10 +197,10 @@ class Store:
         with self.lock:
             db = self.db
             if ids is None:
-                rows = db.execute(f"SELECT {','.join(_COLUMNS)}, handed, cancel_requested FROM jobs ORDER BY id")
+                rows = db.execute(f"SELECT {','.join(_COLUMNS)}, cancel_requested FROM jobs ORDER BY id")
             else:
                 ids = sorted(set(ids))
-                rows = db.execute(f"SELECT {','.join(_COLUMNS)}, handed, cancel_requested FROM jobs WHERE id IN "
+                rows = db.execute(f"SELECT {','.join(_COLUMNS)}, cancel_requested FROM jobs WHERE id IN "
                                   f"({','.join('?' * len(ids))}) ORDER BY id", ids)
             rows = rows.fetchall()
             deps: dict = {}
@@ -229,7 +210,7 @@ class Store:
 
     def _record(self, db, r, after=None) -> dict:
         rec = dict(zip(_COLUMNS, r))
-        rec["handed"], rec["cancel_requested"] = bool(r[-2]), bool(r[-1])
+        rec["cancel_requested"] = bool(r[-1])
         rec["argv"] = json.loads(rec["argv"])
         rec["outputs"] = json.loads(rec["outputs"] or "[]")
         rec["shell"] = bool(rec["shell"])
