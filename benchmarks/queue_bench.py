@@ -34,7 +34,8 @@ _SUBMITTER = textwrap.dedent("""
         import gpufleet.queue as q
         submit = lambda: q.submit(["true"]).id
     else:
-        argv = ["tsp", "true"] if mode == "ts" else [sys.executable, "-m", "gpufleet", "submit", "--", "true"]
+        gf = [sys.executable, "-c", "import sys; from gpufleet.cli import main; sys.exit(main())"]  # the script
+        argv = ["tsp", "true"] if mode == "ts" else gf + ["submit", "--", "true"]
         submit = lambda: int(subprocess.run(argv, stdout=subprocess.PIPE, check=True).stdout)
     while not os.path.exists(start):
         time.sleep(0.0005)
