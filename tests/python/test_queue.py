@@ -218,3 +218,50 @@ def test_stop_drain_lets_jobs_finish_and_stop_queues_running_jobs_again(queue, t
     queue.gf("cancel", interrupted, check=True)
     journal = queue.gf("journal", os.path.join(queue.dir, "journal.sqlite"), "--json", check=True)
     assert "interrupted" in journal.stdout
+
+
+def test_quarantine_applies_to_queued_jobs_and_gpu_jobs_wait_instead_of_failing(make_queue, tmp_path):
+    q = make_queue("1")
+    q.gf("queue", "start", "--quarantine-after", "1", check=True)
+    bad = q.submit("sh", "-c", "exit 9")
+    assert q.gf("wait", bad).returncode == 9
+    held = q.submit("true")
+    cpu = q.submit("true", opts=["--gpus", "0"])
+    assert q.gf("wait", cpu).returncode == 0  # CPU jobs go on
+    assert "cuda:0 quarantined after 1 consecutive failed tasks" in q.gf("queue", "status").stdout
+    time.sleep(0.5)
+    assert q.job(held)["state"] == "queued"  # waits: a broken GPU does not burn the queue
+    assert "cuda:0 quarantined" in q.gf("ls").stdout  # and ls says why
+    q.gf("queue", "stop", check=True)
+    q.gf("queue", "start", check=True)  # a new dispatcher: quarantine cleared
+    assert q.gf("wait", held).returncode == 0
+
+
+def test_env_and_cwd_options_ls_watch_and_status(queue, tmp_path):
+    work = tmp_path / "w d"
+    work.mkdir()
+    jid = queue.submit("sh", "-c", 'echo "$A|$B|$(pwd)"', opts=["--env", "A=1 2", "--env", "B=x=y", "--cwd", work])
+    assert queue.gf("wait", jid).returncode == 0
+    assert queue.gf("tail", jid).stdout == f"1 2|x=y|{work}\n"
+    r = queue.gf("ls", "--watch", "0.2", "--count", "2", check=True)
+    blocks = [b for b in r.stdout.split("Every 0.2s: gpufleet ls") if b.strip()]
+    assert len(blocks) == 2 and all(f"{jid}   succeeded" in b for b in blocks) and "\x1b" not in r.stdout
+    lines_ = queue.gf("ls", "--watch", "0.2", "--count", "2", "--json", check=True).stdout.splitlines()
+    assert len(lines_) == 2 and json.loads(lines_[1])["jobs"][0]["id"] == jid
+    status = json.loads(queue.gf("queue", "status", "--json", check=True).stdout)
+    assert status["running"] and status["devices"] == ["cuda:0", "cuda:1"] and status["counts"] == {"succeeded": 1}
+    pid = status["pid"]
+    r = queue.gf("queue", "start", "--slots", "3")
+    assert r.returncode == 1 and f"is running (daemon pid {pid}) with its settings" in r.stderr
+    assert "already running" in queue.gf("queue", "start", check=True).stdout
+    queue.gf("queue", "stop", check=True)
+    assert queue.gf("queue", "status").returncode == 3
+
+
+def test_a_script_keeps_submitting_across_a_daemon_restart(api_queue):
+    first = gpufleet.submit(["true"])
+    assert first.wait() == 0
+    assert api_queue.gf("queue", "stop", check=True).returncode == 0
+    api_queue.gf("queue", "start", check=True)  # the script's connection is to the old daemon
+    second = gpufleet.submit(["true"])
+    assert second.id == first.id + 1 and second.wait() == 0

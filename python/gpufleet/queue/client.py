@@ -107,7 +107,9 @@ class _Clients:
         paths = locate(group)
         with self.lock:
             conn = self.conns.get(paths)
-            if conn is not None and conn.pid != os.getpid():
+            if conn is not None and (conn.pid != os.getpid() or conn.closed_by_peer()):
+                if conn.pid == os.getpid():
+                    conn.close()
                 conn = None
             fresh = conn is None
             if fresh:

@@ -67,6 +67,19 @@ class Connection:
         self.reader = self.sock.makefile("rb")
         self.pid = os.getpid()
 
+    def closed_by_peer(self) -> bool:
+        """Whether the daemon has closed this connection (it stopped or was restarted since)."""
+        import select
+
+        if not select.select([self.sock], [], [], 0)[0]:
+            return False
+        try:
+            return self.sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+        except (BlockingIOError, InterruptedError):
+            return False
+        except OSError:
+            return True
+
     def request(self, op: str, **fields) -> dict:
         self.sock.sendall(encode({"op": op, **fields}))
         reply = read_message(self.reader)
