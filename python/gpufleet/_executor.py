@@ -17,11 +17,12 @@ from concurrent.futures import Executor, Future
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
-from . import _devices, _ipc
+from . import _devices, _ipc, _serialize
+from ._serialize import SerializationError
 from ._spawn import Supervised, describe_exit, start_worker, stop_group
 
-__all__ = ["GPUExecutor", "WorkerInfo", "WorkerDiedError", "RemoteTraceback", "worker_info", "spawn", "SpawnContext",
-           "ProcessRaisedException", "ProcessExitedException"]
+__all__ = ["GPUExecutor", "WorkerInfo", "WorkerDiedError", "RemoteTraceback", "SerializationError", "worker_info", "spawn",
+           "SpawnContext", "ProcessRaisedException", "ProcessExitedException"]
 
 
 @dataclass(frozen=True)
@@ -120,19 +121,20 @@ class _Worker:
     def __init__(self, ex: "GPUExecutor", index: int, device: str, visible: str, slot: int):
         self.ex, self.index, self.device, self.visible, self.slot = ex, index, device, visible, slot
         self.proc = None
-        self.inbox = self.outbox = None
+        self.inbox = self.outbox = self.chan = None
         self.tasks_done = 0
 
     def start(self) -> None:
         self.proc, self.outbox, self.inbox = start_worker(
             self.ex._sup, {"CUDA_VISIBLE_DEVICES": self.visible, "GPUFLEET_DEVICE": self.device,
                            "GPUFLEET_SLOT": str(self.slot), "GPUFLEET_WORKER": str(self.index)})
+        self.chan = _ipc.Channel(self.inbox, self.outbox, os.getpid())
         self.outbox.send(_preparation("gpufleet-worker"))
         self.outbox.send(("executor", {"rank": self.index, "device": self.device, "slot": self.slot,
                                        "owner": os.getpid()}))
         self.tasks_done = 0
-        if self.ex._initializer is not None:
-            self.outbox.send(("init", -1, self.ex._initializer, tuple(self.ex._initargs), {}))
+        if self.ex._init_payload is not None:
+            self.chan.send(("init", -1), self.ex._init_payload)
 
     def where(self) -> str:
         pid = self.proc.pid if self.proc else "?"
@@ -143,7 +145,7 @@ class _Worker:
             return
         if graceful and self.proc.poll() is None:
             try:
-                self.outbox.send(None)
+                self.chan.send(None)
                 self.proc.wait(timeout=self.ex._grace)
             except Exception:
                 pass
@@ -168,18 +170,20 @@ class _Worker:
             if item is None:
                 self.stop(graceful=True)
                 return
-            fut, fn, args, kwargs = item
+            fut, payload, name = item
+            item = None
             if not fut.set_running_or_notify_cancel():
                 continue
             started = time.time()
             try:
                 if self.proc is None:
                     self.start()
-                sent = _ipc.send(self.outbox, ("task", 0, fn, args, kwargs), os.getpid())  # Note [Out-of-band buffers]
+                sent = self.chan.send(("task", 0), payload)  # Note [Out-of-band buffers]
+                payload = None
                 reply = None
                 while reply is None:
                     try:
-                        msg = _ipc.recv(self.inbox)
+                        msg, body = self.chan.recv()
                     except (EOFError, OSError):
                         _ipc.discard(sent)  # the arguments' file, if it died before reading it
                         err = self.died()
@@ -195,10 +199,11 @@ class _Worker:
                 if reply is not None:
                     self.tasks_done += 1
                     if reply[0] == "ok":
-                        fut.set_result(reply[2])
+                        fut.set_result(body.load())
                     else:
                         _, _, blob, tb, summary = reply
                         fut.set_exception(_rebuild(blob, tb, summary, self.where()))
+                    body = None
                     if ex._max_tasks and self.tasks_done >= ex._max_tasks:
                         self.stop(graceful=True)  # recycled: memory a library never freed comes back
             except BaseException as e:  # pickling errors of the arguments, broken pipes
@@ -207,7 +212,8 @@ class _Worker:
                 if self.proc is not None and self.proc.poll() is not None:
                     self.stop(graceful=False)
             finally:
-                ex._record(fut, self, started, getattr(fn, "__name__", "call"))
+                ex._record(fut, self, started, name)
+                fut = None
 
 
 def _process_chunk(fn, chunk):
@@ -233,6 +239,9 @@ class GPUExecutor(Executor):
             raise ValueError(f"slots_per_device must be an int >= 1, got {slots_per_device!r}")
         if initializer is not None and not callable(initializer):
             raise TypeError(f"initializer must be callable, got {initializer!r}")
+        # pickled once, here: an initializer that cannot travel fails the constructor (Note [Callables by value])
+        self._init_payload = (None if initializer is None else
+                              _serialize.dumps_call(initializer, tuple(initargs), {}, "the initializer"))
         if devices == "cpu":
             n = workers or os.cpu_count() or 1
             pool = [("cpu", "")] * n
@@ -260,9 +269,9 @@ class GPUExecutor(Executor):
             gpu_pool = [] if devices == "cpu" else _core.make_pool(_resolve_devices(devices))
             self._report = RunReport(gpu_pool, slots_per_device, 100_000)
         if progress:
-            from tqdm.auto import tqdm
+            from ._progress import Bar
 
-            self._bar = tqdm(unit="call", dynamic_ncols=True, desc="gpufleet executor")
+            self._bar = Bar(unit="call", desc="gpufleet executor")  # Note [Progress modes]
         self._workers = []
         for slot in range(slots_per_device):
             for name, visible in pool:
@@ -281,11 +290,18 @@ class GPUExecutor(Executor):
         return [(w.device, w.proc.pid) for w in self._workers if w.proc is not None]
 
     def submit(self, fn: Callable, /, *args, **kwargs) -> Future:
+        """Schedules ``fn(*args, **kwargs)``. The call is pickled here, in the caller's thread
+        (Note [Callables by value]): lambdas, closures and functions from ``__main__`` or a notebook
+        travel by value; something that cannot be pickled raises ``SerializationError`` now."""
+        with self._lock:
+            if self._shutdown:
+                raise RuntimeError("cannot submit to a GPUExecutor after shutdown")
+        payload = _serialize.dumps_call(fn, args, kwargs)
         with self._lock:
             if self._shutdown:
                 raise RuntimeError("cannot submit to a GPUExecutor after shutdown")
             fut: Future = Future()
-            self._queue.put((fut, fn, args, kwargs))
+            self._queue.put((fut, payload, getattr(fn, "__name__", "call")))
             return fut
 
     def map(self, fn: Callable, *iterables, timeout: Optional[float] = None, chunksize: int = 1):
@@ -503,6 +519,8 @@ def spawn(fn: Callable, args: tuple = (), nprocs: Optional[int] = None, devices:
                              f"{'is' if len(pool) == 1 else 'are'} available ({', '.join(n for n, _ in pool) or 'none'}); "
                              "one process per device")
         pool = pool[:nprocs]
+    # pickled once, before any rank starts (Note [Callables by value] in _serialize.py)
+    blob = _serialize.dumps_checked((fn, tuple(args)), "the function and args of spawn()", out_of_band=False).data
     port = master_port if master_port is not None else free_port(master_addr)
     sup = Supervised(kill_grace)
     procs, conns = [], []
@@ -515,7 +533,7 @@ def spawn(fn: Callable, args: tuple = (), nprocs: Optional[int] = None, devices:
         p, outbox, inbox = start_worker(sup, env)
         outbox.send(prep)
         outbox.send(("spawn", {"rank": rank, "device": name, "slot": 0, "world_size": nprocs}))
-        outbox.send((fn, tuple(args)))
+        outbox.send_bytes(blob)
         outbox.close()
         procs.append(p)
         conns.append(inbox)

@@ -17,15 +17,12 @@ the error policy, shuts everything down on Ctrl-C or a failing stage, and builds
 """
 from __future__ import annotations
 
-import concurrent.futures
 import contextlib
 import dataclasses
 import heapq
 import inspect
 import json
 import math
-import multiprocessing
-import signal
 import threading
 import time
 import traceback
@@ -335,10 +332,6 @@ def _stager(device: Device) -> Callable[[Any], Any]:
     return stage
 
 
-def _ignore_sigint():  # process-pool initializer: the parent owns Ctrl-C handling
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-
-
 def _split_batch(payload, n: int, stage: str) -> list:
     try:
         length = len(payload)
@@ -451,8 +444,9 @@ class Pipeline:
     def map(self, fn: Callable[[Any], Any], *, workers: int = 1, processes: bool = False,
             name: Optional[str] = None, queue_size: Optional[int] = None) -> "Pipeline":
         """Applies ``fn`` to every item (to every batch after ``.batch()``) on ``workers`` threads, or
-        with ``processes=True`` in a pool of ``workers`` spawned processes (``fn`` and the items must
-        pickle; use it for Python code that holds the GIL)."""
+        with ``processes=True`` in ``workers`` fresh processes (use it for Python code that holds the
+        GIL; ``fn`` may be a lambda, a closure or a function from ``__main__`` or a notebook: it travels
+        by value, Note [Callables by value]; the items must pickle)."""
         if not callable(fn):
             raise TypeError(f"map() takes a callable, got {fn!r}")
         _check_int(workers, "workers")
@@ -540,7 +534,7 @@ class _Stage:
         self.stats = stats
         self.in_q = in_q
         self.out_q = out_q
-        self.pool: Optional[concurrent.futures.ProcessPoolExecutor] = None
+        self.pool = None  # a GPUExecutor(devices="cpu") for map(processes=True)
 
 
 class _Run:
@@ -914,9 +908,12 @@ class _Run:
             # Process pools and devices first: a failure here starts nothing.
             for s in self.stages:
                 if s.spec.kind == "map" and s.spec.processes:
-                    s.pool = concurrent.futures.ProcessPoolExecutor(
-                        max_workers=s.spec.workers, mp_context=multiprocessing.get_context("spawn"),
-                        initializer=_ignore_sigint)
+                    # fresh processes in their own process group (a terminal's Ctrl-C reaches
+                    # only the parent, which owns shutdown); fn and items travel by value where
+                    # needed (Note [Callables by value] in _serialize.py)
+                    from ._executor import GPUExecutor
+
+                    s.pool = GPUExecutor(devices="cpu", workers=s.spec.workers)
                 if s.spec.kind == "gpu":
                     s.devices = s.spec.devices[0]  # worker w runs on devices[w // replicas_per_device]
                     gpu_devices += [d for d in s.spec.devices[0] if d.type == "cuda"]

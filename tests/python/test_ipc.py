@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import gpufleet
-from gpufleet import _ipc
+from gpufleet import _ipc, _serialize
 
 
 def _backing(a):
@@ -35,12 +35,13 @@ def _through(obj, directory=None, monkeypatch=None):
     got = {}
     t = threading.Thread(target=lambda: got.setdefault("msg", r.recv()))
     t.start()
-    _ipc.send(w, obj, os.getpid())
+    _ipc.Channel(None, w, os.getpid()).send("hdr", _serialize.dumps(obj))
     t.join()
     raw = got["msg"]
     files = os.listdir(directory) if directory is not None and directory.exists() else None
-    out = raw.load() if type(raw) is _ipc.OutOfBand else raw
-    return raw, out, files
+    header, body = _ipc.Channel.open(raw)
+    assert header == "hdr"
+    return raw, body.load(), files
 
 
 def test_large_buffers_go_through_a_file_that_the_receiver_removes(tmp_path, monkeypatch):
@@ -53,7 +54,7 @@ def test_large_buffers_go_through_a_file_that_the_receiver_removes(tmp_path, mon
     msg = {"task": ("x", [big, fortran]), "strided": strided, "small": small, "blob": blob, "bytes": data,
            "short": b"abc"}
     raw, out, files = _through(msg, tmp_path, monkeypatch)
-    assert type(raw) is _ipc.OutOfBand and len(raw.places) == 2  # big, fortran (pickle keeps bytes in band)
+    assert raw[3] is not None and len(raw[2]) == 2  # big, fortran (pickle keeps bytes in band)
     assert len(files) == 1 and files[0].startswith(f"gpufleet-{os.getpid()}-")
     assert os.listdir(tmp_path) == []  # unlinked by the receiver on load
     for a, b in [(out["task"][1][0], big), (out["task"][1][1], fortran), (out["strided"], strided),
@@ -73,10 +74,10 @@ def test_large_buffers_go_through_a_file_that_the_receiver_removes(tmp_path, mon
 
 def test_small_messages_and_missing_shared_memory_go_in_band(tmp_path, monkeypatch):
     raw, out, _ = _through(("ok", 1, np.arange(10)), tmp_path, monkeypatch)
-    assert type(raw) is tuple and out[0] == "ok"
-    big = np.random.default_rng().standard_normal(_ipc.THRESHOLD)  # 8x the threshold in bytes
+    assert raw[3] is None and out[0] == "ok"
+    big = np.random.default_rng().standard_normal(_serialize.THRESHOLD)  # 8x the threshold in bytes
     raw, out, _ = _through(big, tmp_path / "missing", monkeypatch)
-    assert type(raw) is np.ndarray
+    assert raw[3] is None
     np.testing.assert_array_equal(out, big)
 
 
@@ -107,13 +108,15 @@ def test_executor_round_trips_big_arrays_and_leaves_no_file(sim_gpus, tmp_path, 
 def test_a_lost_file_is_a_load_error_not_a_broken_connection(tmp_path, monkeypatch):
     monkeypatch.setenv("GPUFLEET_IPC_DIR", str(tmp_path))
     r, w = mp.Pipe(duplex=False)
-    big = np.ones(_ipc.THRESHOLD, np.uint8)
-    t = threading.Thread(target=lambda: _ipc.send(w, big, os.getpid()))
+    big = np.ones(_serialize.THRESHOLD, np.uint8)
+    t = threading.Thread(target=lambda: _ipc.Channel(None, w, os.getpid()).send(("task", 7), _serialize.dumps(big)))
     t.start()
     t.join()
     for f in os.listdir(tmp_path):
         os.unlink(tmp_path / f)  # removed before the receiver maps it
-    with pytest.raises(_ipc.LoadError, match="could not be read"):
-        _ipc.recv(r)
-    w.send("next")  # the connection still works
-    assert _ipc.recv(r) == "next"
+    chan = _ipc.Channel(r, w, os.getpid())
+    with pytest.raises(_ipc.LoadError, match="could not be read") as info:
+        chan.recv()
+    assert info.value.header == ("task", 7)  # the receiver still knows which call failed
+    chan.send("next")  # the connection still works
+    assert chan.recv() == ("next", None)

@@ -59,3 +59,17 @@ def rank_env(rank, out_dir, fail_rank):
         os.kill(os.getpid(), signal.SIGSEGV)
     if fail_rank >= 0:
         time.sleep(60)  # the others are stopped by the kill sequence
+
+
+def _refuse_to_rebuild(why):
+    raise ValueError(f"refusing to rebuild: {why}")
+
+
+class Unrebuildable:
+    """Pickles fine in the parent; unpickling it (in the worker) raises ValueError."""
+
+    def __init__(self, why):
+        self.why = why
+
+    def __reduce__(self):
+        return _refuse_to_rebuild, (self.why,)
