@@ -17,6 +17,8 @@ the error policy, shuts everything down on Ctrl-C or a failing stage, and builds
 """
 from __future__ import annotations
 
+import collections
+import concurrent.futures
 import contextlib
 import dataclasses
 import heapq
@@ -535,6 +537,7 @@ class _Stage:
         self.in_q = in_q
         self.out_q = out_q
         self.pool = None  # a GPUExecutor(devices="cpu") for map(processes=True)
+        self.fn_ref = None  # its function, pickled once
 
 
 class _Run:
@@ -694,10 +697,7 @@ class _Run:
                     out_q.put(env, clock)
                     continue
                 try:
-                    if stage.pool is not None:
-                        result = stage.pool.submit(fn, payload).result()
-                    else:
-                        result = fn(payload)
+                    result = fn(payload)
                 except Exception as e:
                     self.item_error(stage, env, e)
                     if self.cancelled.is_set():
@@ -708,6 +708,55 @@ class _Run:
                     stats.add_batch(n)
                 stats.add_items_out(n)
                 out_q.put((keys, ids, result), clock)
+
+    def _process_worker(self, stage: _Stage, w: int):
+        """``map(processes=True)``: like ``_stage_worker``, but the calls run in the stage's
+        executor, two in flight per thread so its worker process never waits on this thread between
+        items (Note [Calls in flight] in _executor_io.py); items leave in the order they came."""
+        stats, in_q, out_q, pool = stage.stats, stage.in_q, stage.out_q, stage.pool
+        with self._running(stage, w) as clock:
+            pending: collections.deque = collections.deque()
+            closed = False
+            while pending or not closed:
+                while not closed and len(pending) < 2:
+                    try:
+                        env = in_q.get(clock, 0 if pending else None)
+                    except TimeoutError:
+                        break
+                    except QueueClosed:
+                        closed = True
+                        break
+                    keys, ids, payload = env
+                    stats.add_items_in(len(keys) if isinstance(keys, tuple) else 1)
+                    fut = None
+                    if payload is not _SKIPPED:
+                        try:
+                            fut = pool._submit_with(stage.fn_ref, payload)
+                        except Exception as e:  # an item that cannot be pickled: that item's error
+                            fut = concurrent.futures.Future()
+                            fut.set_exception(e)
+                    pending.append((env, fut))
+                if not pending:
+                    continue
+                env, fut = pending.popleft()
+                keys, ids, _ = env
+                if fut is None:
+                    out_q.put(env, clock)
+                    continue
+                try:
+                    result = fut.result()
+                except Exception as e:
+                    self.item_error(stage, env, e)
+                    if self.cancelled.is_set():
+                        break
+                    out_q.put((keys, ids, _SKIPPED), clock)
+                    continue
+                n = len(keys) if isinstance(keys, tuple) else 1
+                if isinstance(keys, tuple):
+                    stats.add_batch(n)
+                stats.add_items_out(n)
+                out_q.put((keys, ids, result), clock)
+                del result, fut
 
     def _batch_worker(self, stage: _Stage):
         spec, stats, in_q, out_q = stage.spec, stage.stats, stage.in_q, stage.out_q
@@ -914,6 +963,7 @@ class _Run:
                     from ._executor import GPUExecutor
 
                     s.pool = GPUExecutor(devices="cpu", workers=s.spec.workers)
+                    s.fn_ref = s.pool._prepare(s.spec.fn)  # pickled once for the run
                 if s.spec.kind == "gpu":
                     s.devices = s.spec.devices[0]  # worker w runs on devices[w // replicas_per_device]
                     gpu_devices += [d for d in s.spec.devices[0] if d.type == "cuda"]
@@ -921,7 +971,11 @@ class _Run:
             self.threads.append(threading.Thread(target=self._source_worker, name="gf-source", daemon=True))
             for s in self.stages:
                 k = s.spec.kind
-                if k in ("map", "gpu"):
+                if s.pool is not None:
+                    for w in range(s.spec.workers):
+                        self.threads.append(threading.Thread(target=self._process_worker, args=(s, w),
+                                                             name=f"gf-{s.spec.name}-{w}", daemon=True))
+                elif k in ("map", "gpu"):
                     fn = None if (k == "gpu" and s.spec.factory) else s.spec.fn
                     for w in range(s.spec.workers):
                         self.threads.append(threading.Thread(target=self._stage_worker, args=(s, w, fn),

@@ -26,6 +26,7 @@ from __future__ import annotations
 import copyreg
 import io
 import pickle
+import threading
 import types
 from collections import ChainMap
 from multiprocessing.reduction import ForkingPickler
@@ -65,29 +66,154 @@ class Payload:
         return len(self.data) + sum(b.raw().nbytes for b in self.buffers)
 
 
-def _dumps(obj: Any, buffer_callback: Optional[Callable] = None) -> bytes:
+try:  # cloudpickle's own rule for "the receiver can import this"
+    from cloudpickle.cloudpickle import _should_pickle_by_reference as _by_reference
+except ImportError:  # pragma: no cover - another cloudpickle layout: always the full pickler
+    _by_reference = None
+
+
+class _ByValue(Exception):
+    pass
+
+
+class _FastPickler(pickle.Pickler):
+    """The C pickler, for the common case where every function and class in the object is
+    importable (plain data, NumPy arrays, module-level functions); it gives up at the first function
+    or class that must travel by value, and cloudpickle starts over. ``reducer_override`` is not
+    called for ints, strings, tuples, lists or dicts, so arguments cost what ``pickle`` costs. One
+    per thread, reused (making a Pickler costs more than pickling a few small arguments)."""
+
+    def reducer_override(self, obj):
+        if isinstance(obj, (types.FunctionType, type)) and not _by_reference(obj):
+            raise _ByValue
+        return NotImplemented
+
+
+class _Fast:
+    def __init__(self):
+        self.busy = False
+        self.big: list = []
+        self.out_of_band = True
+        self.f = io.BytesIO()
+        self.copyreg_size = -1
+        self.p = _FastPickler(self.f, protocol=5, buffer_callback=self._keep)
+
+    def _keep(self, pb: pickle.PickleBuffer) -> bool:
+        if not self.out_of_band:
+            return True
+        if _out_of_band(pb):
+            self.big.append(pb)
+            return False
+        return True
+
+    def dump(self, obj: Any, out_of_band: bool) -> tuple[bytes, list]:
+        if len(copyreg.dispatch_table) != self.copyreg_size:  # a reducer registered since: take it
+            self.copyreg_size = len(copyreg.dispatch_table)
+            self.p.dispatch_table = dict(ChainMap(*_Pickler.dispatch_table.maps))
+        self.busy, self.out_of_band, self.big = True, out_of_band, []
+        f = self.f
+        try:
+            f.seek(0)
+            f.truncate()
+            self.p.clear_memo()
+            self.p.dump(obj)
+            return f.getvalue(), self.big
+        finally:
+            self.p.clear_memo()  # the memo references what was pickled: keep nothing alive
+            self.busy, self.big = False, []
+            if f.tell() > 1 << 20:
+                f.seek(0)
+                f.truncate()
+
+
+_per_thread: dict[int, _Fast] = {}
+
+
+def _fast_for_this_thread() -> _Fast:
+    tid = threading.get_ident()
+    st = _per_thread.get(tid)
+    if st is None:
+        if len(_per_thread) > 64:  # forget threads that ended
+            live = {t.ident for t in threading.enumerate()}
+            for k in [k for k in _per_thread if k not in live]:
+                _per_thread.pop(k, None)
+        st = _per_thread[tid] = _Fast()
+    return st
+
+
+def _out_of_band(pb: pickle.PickleBuffer) -> bool:
+    try:
+        raw = pb.raw()
+    except BufferError:  # not contiguous: in band
+        return False
+    return raw.nbytes >= THRESHOLD
+
+
+def _pickle(obj: Any, out_of_band: bool) -> tuple[bytes, list]:
+    fast = _fast_for_this_thread() if _by_reference is not None else None
+    if fast is not None and not fast.busy:  # busy: a __reduce__ pickling something itself
+        try:
+            return fast.dump(obj, out_of_band)
+        except BaseException as e:  # noqa: BLE001 - what the fast path cannot do, cloudpickle may
+            if isinstance(e, KeyboardInterrupt):
+                raise
+    big: list[pickle.PickleBuffer] = []
+
+    def keep(pb: pickle.PickleBuffer) -> bool:
+        if _out_of_band(pb):
+            big.append(pb)
+            return False
+        return True
+
     f = io.BytesIO()
-    _Pickler(f, protocol=5, buffer_callback=buffer_callback).dump(obj)
-    return f.getvalue()
+    _Pickler(f, protocol=5, buffer_callback=keep if out_of_band else None).dump(obj)
+    return f.getvalue(), big
+
+
+def _dumps(obj: Any) -> bytes:
+    return _pickle(obj, False)[0]
 
 
 def dumps(obj: Any, *, out_of_band: bool = True) -> Payload:
     """``obj`` pickled by value where needed (Note [Callables by value]); large contiguous buffers
     out of band when ``out_of_band``. Errors propagate as the pickler raised them."""
-    big: list[pickle.PickleBuffer] = []
-
-    def keep(pb: pickle.PickleBuffer) -> bool:
-        try:
-            raw = pb.raw()
-        except BufferError:  # not contiguous: in band
-            return True
-        if raw.nbytes < THRESHOLD:
-            return True
-        big.append(pb)
-        return False
-
-    data = _dumps(obj, keep if out_of_band else None)
+    data, big = _pickle(obj, out_of_band)
     return Payload(data, big)
+
+
+class _ForChild:
+    """Stands in for multiprocessing's spawning Popen while a payload for a new process is pickled:
+    multiprocessing objects (Queue, SimpleQueue, Event, Lock, Connection) then pickle as they do for
+    ``Process(args=...)``, their descriptors recorded to be inherited at the same numbers."""
+
+    def __init__(self):
+        self.fds: list[int] = []
+
+    def duplicate_for_child(self, fd: int) -> int:
+        self.fds.append(fd)
+        return fd
+
+    @staticmethod
+    def DupFd(fd: int):  # noqa: N802 - multiprocessing's name
+        from multiprocessing.popen_spawn_posix import _DupFd
+
+        return _DupFd(fd)
+
+
+def dumps_for_child(obj: Any, what: str) -> tuple[Payload, list[int]]:
+    """``dumps_checked`` for a payload a process receives as it starts (spawn's function and args,
+    an executor's initializer): multiprocessing queues, events and locks made with
+    ``multiprocessing.get_context("spawn")`` pickle as they do for ``torch.multiprocessing.spawn``.
+    Returns the payload and the descriptors the child inherits (keep ``obj`` alive meanwhile)."""
+    from multiprocessing import context
+
+    stub = _ForChild()
+    context.set_spawning_popen(stub)
+    try:
+        payload = dumps_checked(obj, what, out_of_band=False)
+    finally:
+        context.set_spawning_popen(None)
+    return payload, sorted(set(stub.fds))
 
 
 def loads(data: Any, buffers: Sequence[Any] = ()) -> Any:
@@ -105,17 +231,28 @@ def dumps_checked(obj: Any, what: str, *, out_of_band: bool = True) -> Payload:
         raise _explain(what, obj, e) from None
 
 
-def dumps_call(fn: Callable, args: tuple, kwargs: dict, what: str = "submit()") -> Payload:
-    """The call ``fn(*args, **kwargs)`` pickled as one payload; ``SerializationError`` names the
-    function or the argument that cannot be pickled."""
+def dumps_call(fn: Callable, args: tuple, kwargs: dict, what: str = "submit()") -> tuple[Payload, Payload]:
+    """The function and the arguments ``(args, kwargs)`` of a call, pickled apart (a worker keeps
+    a function it has seen, Note [Calls in flight] in _executor_io.py). ``SerializationError``
+    names the function or the argument that cannot be pickled."""
     try:
-        return dumps((fn, args, kwargs))
+        fn_payload = dumps(fn)
     except BaseException as e:  # noqa: BLE001
         if isinstance(e, KeyboardInterrupt):
             raise
-        parts = [(f"the function {_name(fn)} of {what}", fn)]
-        parts += [(f"argument {i} of {what}", a) for i, a in enumerate(args)]
-        parts += [(f"keyword argument {k!r} of {what}", v) for k, v in kwargs.items()]
+        raise _explain(f"the function {_name(fn)} of {what}", fn, e) from None
+    return fn_payload, dumps_args(args, kwargs, what)
+
+
+def dumps_args(args: tuple, kwargs: Optional[dict], what: str) -> Payload:
+    """``(args, kwargs)`` pickled (``args`` alone when ``kwargs`` is None), errors naming the argument."""
+    try:
+        return dumps(args if kwargs is None else (args, kwargs))
+    except BaseException as e:  # noqa: BLE001
+        if isinstance(e, KeyboardInterrupt):
+            raise
+        parts = [(f"argument {i} of {what}", a) for i, a in enumerate(args)]
+        parts += [(f"keyword argument {k!r} of {what}", v) for k, v in (kwargs or {}).items()]
         for label, part in parts:
             try:
                 _dumps(part)
@@ -123,14 +260,20 @@ def dumps_call(fn: Callable, args: tuple, kwargs: dict, what: str = "submit()") 
                 if isinstance(inner, KeyboardInterrupt):
                     raise
                 raise _explain(label, part, inner) from None
-        raise _explain(f"the call of {what}", (fn, args, kwargs), e) from None
+        raise _explain(f"the arguments of {what}", args, e) from None
 
 
 def _explain(label: str, obj: Any, err: BaseException) -> SerializationError:
     path, culprit, cause = _culprit(obj, [], err, 0)
     where = label + (f" (at {''.join(path).strip()})" if path else "")
+    hint = ""
+    if "fork context" in str(cause):
+        hint = "; make it with multiprocessing.get_context('spawn'), as torch.multiprocessing.spawn needs too"
+    elif "through inheritance" in str(cause):
+        hint = ("; a multiprocessing queue reaches a worker only through spawn() args or the executor's "
+                "initargs (as with ProcessPoolExecutor), or use a Manager().Queue()")
     exc = SerializationError(f"{where} cannot be sent to a worker process: {_short_repr(culprit)} cannot be "
-                             f"pickled ({type(cause).__name__}: {cause})")
+                             f"pickled ({type(cause).__name__}: {cause}){hint}")
     exc.__cause__ = cause
     return exc
 
@@ -167,12 +310,20 @@ def _children(obj: Any) -> list:
         return out
     if isinstance(obj, types.MethodType):
         return [(" its instance", obj.__self__)]
-    if hasattr(obj, "__dict__") and not isinstance(obj, (type, types.ModuleType)):
+    if hasattr(obj, "__dict__") and not isinstance(obj, (type, types.ModuleType)) and _pickled_by_default(obj):
         try:
             return [(f".{k}", v) for k, v in vars(obj).items()]
         except TypeError:
             return []
     return []
+
+
+def _pickled_by_default(obj: Any) -> bool:
+    """True when ``obj`` pickles as its ``__dict__`` (no reducer of its own): only then is a part of
+    its ``__dict__`` the better culprit; otherwise its own error says more (a fork-context queue)."""
+    t = type(obj)
+    return (t.__reduce_ex__ is object.__reduce_ex__ and t.__reduce__ is object.__reduce__
+            and getattr(t, "__getstate__", None) is getattr(object, "__getstate__", None))
 
 
 def _culprit(obj: Any, path: list, err: BaseException, depth: int) -> tuple[list, Any, BaseException]:
