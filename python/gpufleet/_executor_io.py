@@ -219,18 +219,16 @@ class Engine:
         return not live
 
     def _dispatch(self) -> None:
-        if self.broken is not None or self.killing:
+        """Sends queued calls to the workers with room, the least busy first, none more than its
+        share of the queue (a worker that starts first does not take a whole burst)."""
+        if self.broken is not None or self.killing or not self.queue:
             return
         q = self.queue
-        while q:
-            best = None
-            for s in self.slots:
-                room = s.capacity(self.max_tasks)
-                if room > 0 and (best is None or len(s.inflight) < len(best.inflight)):
-                    best = s
-            if best is None:
-                return
-            room = best.capacity(self.max_tasks)
+        open_ = [s for s in self.slots if s.capacity(self.max_tasks) > 0]
+        live = sum(s.state in ("starting", "ready") for s in self.slots)
+        share = max(1, -(-len(q) // max(live, 1)))
+        for s in sorted(open_, key=lambda s: len(s.inflight)):
+            room = min(s.capacity(self.max_tasks), share)
             frames = []
             while room and q:
                 with self.lock:
@@ -239,12 +237,14 @@ class Engine:
                     c = q.popleft()
                 if not c.begin():
                     continue
-                frames += self._frames(best, c)
-                best.inflight.append(c)
-                best.sent += 1
+                frames += self._frames(s, c)
+                s.inflight.append(c)
+                s.sent += 1
                 room -= 1
             if frames:
-                self._write(best, frames)
+                self._write(s, frames)
+            if not q:
+                return
 
     def _frames(self, s: _Slot, c: Call) -> list:
         c.id = self.next_id

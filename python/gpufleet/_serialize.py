@@ -10,7 +10,9 @@ that the receiver could not import (``__main__``, lambdas, closures, dynamic mod
 value* (code, defaults, the globals they use); anything importable stays a reference, so a
 module-level function of a package costs what ``pickle`` costs. Workers therefore never re-run the
 user's main module (``multiprocessing``'s spawn method does, which is why it needs the
-``if __name__ == "__main__":`` guard; gpufleet does not).
+``if __name__ == "__main__":`` guard; gpufleet does not). The functions of one script or notebook
+still share their globals in a worker, as a module's would (Note [Globals of functions sent by
+value]): an initializer can set the model a task function reads.
 
 Serialisation happens in the caller's thread at ``submit``/``spawn`` time, so an object that cannot
 be pickled fails there, synchronously, with ``SerializationError`` naming the object (``args[1]
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import copyreg
 import io
+import os
 import pickle
 import threading
 import types
@@ -45,11 +48,80 @@ class SerializationError(pickle.PicklingError, TypeError):
     ``spawn`` and process pipelines, before anything is sent."""
 
 
+# Note [Globals of functions sent by value]
+# ~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
+# cloudpickle rebuilds each function sent by value with its own copy of the globals it uses, so two
+# functions of one script that share a global in the parent do not share it in the worker: an
+# initializer's ``global model; model = load()`` would be invisible to the task function. So here
+# every function by value of one module of the parent (the script's __main__, a notebook) is rebuilt
+# in one namespace per worker, as its module's functions would be, and a global it uses travels
+# with it together with a token of the parent's binding (the value of a number or a string, the
+# identity of anything else). The worker takes the parent's value when the name is new to it or
+# the parent has rebound the name since (a notebook cell re-run with ``threshold = 7``); while the
+# parent's binding is unchanged, the worker keeps its own: what its initializer assigned, or a dict
+# it filled in place (``CACHE["model"] = load()``).
+
+_SCALARS = (int, float, complex, str, bytes, bool, type(None))
+_namespaces: dict = {}  # (module name, parent's globals id) -> (namespace, tokens of what was installed)
+try:
+    from cloudpickle.cloudpickle import _function_getstate, _function_setstate, _make_function
+except ImportError:  # pragma: no cover - another cloudpickle layout: its own rule (one copy per function)
+    _function_setstate = None
+
+
+def _token(value: Any):
+    return ("=", type(value).__name__, value) if type(value) in _SCALARS else ("id", id(value))
+
+
+def _shared_namespace(key, base: dict) -> dict:
+    got = _namespaces.get(key)
+    if got is None:
+        got = _namespaces[key] = (dict(base), {})
+    return got[0]
+
+
+class _Namespace:
+    """Pickles as the worker's namespace for one module of the parent."""
+
+    def __init__(self, key, base: dict):
+        self.key, self.base = key, base
+
+    def __reduce__(self):
+        return _shared_namespace, (self.key, self.base)
+
+
+def _setstate_shared(func, state) -> None:
+    """cloudpickle's ``_function_setstate``, minus the globals the worker keeps (see the Note)."""
+    state, slotstate = state
+    tokens = slotstate.pop("_gpufleet_tokens")
+    installed = next((t for ns, t in _namespaces.values() if ns is func.__globals__), None)
+    if installed is not None:
+        f_globals = slotstate["__globals__"]
+        for name, token in tokens.items():
+            if name in func.__globals__ and installed.get(name) == token:
+                f_globals.pop(name, None)  # the parent's binding is unchanged: the worker's value stays
+        installed.update(tokens)
+    _function_setstate(func, (state, slotstate))
+
+
 class _Pickler(cloudpickle.Pickler):
     # multiprocessing's reducers (connections, sockets) on top of cloudpickle's and copyreg's, as
     # Connection.send would use them
     dispatch_table = ChainMap(getattr(ForkingPickler, "_extra_reducers", {}), cloudpickle.Pickler._dispatch_table,
                               copyreg.dispatch_table)
+
+    if _function_setstate is not None:
+        def _dynamic_function_reduce(self, func):
+            """Note [Globals of functions sent by value]."""
+            code, base, name, argdefs, closure = self._function_getnewargs(func)
+            spaces = self.__dict__.setdefault("_gpufleet_spaces", {})
+            ns = spaces.get(id(func.__globals__))
+            if ns is None:
+                key = (func.__globals__.get("__name__"), os.getpid(), id(func.__globals__))
+                ns = spaces[id(func.__globals__)] = _Namespace(key, base)
+            state, slotstate = _function_getstate(func)
+            slotstate["_gpufleet_tokens"] = {k: _token(v) for k, v in slotstate["__globals__"].items()}
+            return _make_function, (code, ns, name, argdefs, closure), (state, slotstate), None, None, _setstate_shared
 
 
 class Payload:

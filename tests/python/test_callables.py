@@ -47,7 +47,19 @@ def rank_writes(rank, out_dir, tag):
     with open(os.path.join(out_dir, f"{tag}{rank}"), "w") as f:
         f.write(str(cube(rank + 2)))
 
+model = None
+CACHE = {}
+
+def load(k):  # an initializer that sets the script's globals, as with ProcessPoolExecutor
+    global model
+    model = k * 2
+    CACHE["w"] = k * 3
+
+def use(x):
+    return [model, CACHE.get("w"), threshold, x]
+
 out_dir, bias = sys.argv[1], int(sys.argv[2])
+threshold = bias + 1
 print("BODY", os.getpid(), flush=True)
 res = {}
 with gpufleet.GPUExecutor(devices="cpu", workers=2, progress=True) as ex:
@@ -58,6 +70,10 @@ with gpufleet.GPUExecutor(devices="cpu", workers=2, progress=True) as ex:
     back = ex.submit(Offset, bias).result()
     res["class_identity"] = type(back) is Offset and back(0) == bias
     res["pids"] = sorted({p for _, p in ex.workers})
+with gpufleet.GPUExecutor(devices="cpu", workers=1, initializer=load, initargs=(bias,)) as ex:
+    res["globals"] = list(ex.map(use, range(2)))
+    threshold = bias + 2  # rebound in the parent: the worker takes the new value, keeps its own others
+    res["globals"] += list(ex.map(use, range(2)))
 gpufleet.spawn(rank_writes, args=(out_dir, "main"), devices="cpu", nprocs=2)
 gpufleet.spawn(lambda rank, d: open(os.path.join(d, f"lambda{rank}"), "w").write(str(rank * bias)),
                args=(out_dir,), devices="cpu", nprocs=2)
@@ -83,6 +99,9 @@ def _check(stdout: str, out_dir: Path, bias: int) -> None:
     assert res["closure"] == [x * bias for x in range(6)]
     assert res["instance"] == 1 + bias and res["class_identity"] is True
     assert res["pipeline"] == [x ** 3 + bias for x in range(7)]
+    # Note [Globals of functions sent by value]
+    assert res["globals"] == [[2 * bias, 3 * bias, bias + 1, 0], [2 * bias, 3 * bias, bias + 1, 1],
+                              [2 * bias, 3 * bias, bias + 2, 0], [2 * bias, 3 * bias, bias + 2, 1]]
     assert [(out_dir / f"main{r}").read_text() for r in range(2)] == ["8", "27"]
     assert [(out_dir / f"lambda{r}").read_text() for r in range(2)] == ["0", str(bias)]
 
@@ -117,6 +136,13 @@ NOTEBOOK_CELLS = [
     "    res['instance'] = ex.submit(Offset(bias), 1).result()\n"
     "    back = ex.submit(Offset, bias).result()\n"
     "    res['class_identity'] = type(back) is Offset and back(0) == bias",
+    "model = None\nCACHE = {{}}\nthreshold = bias + 1\n"
+    "def load(k):\n    global model\n    model = k * 2\n    CACHE['w'] = k * 3\n"
+    "def use(x):\n    return [model, CACHE.get('w'), threshold, x]\n"
+    "ex2 = gpufleet.GPUExecutor(devices='cpu', workers=1, initializer=load, initargs=(bias,))\n"
+    "res['globals'] = list(ex2.map(use, range(2)))\n",
+    "threshold = bias + 2  # a cell run again with a new value\n"
+    "res['globals'] += list(ex2.map(use, range(2)))\nex2.shutdown()\n",
     "gpufleet.spawn(rank_writes, args=(out_dir, 'main'), devices='cpu', nprocs=2)\n"
     "gpufleet.spawn(lambda rank, d: open(os.path.join(d, f'lambda{{rank}}'), 'w').write(str(rank * bias)),\n"
     "               args=(out_dir,), devices='cpu', nprocs=2)",
