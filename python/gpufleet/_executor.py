@@ -256,7 +256,7 @@ class GPUExecutor(Executor):
             raise ValueError(f"chunksize must be an int >= 1, got {chunksize!r}")
         deadline = None if timeout is None else time.monotonic() + timeout
         self._engine.check()
-        fobj = self._fn(_serialize.dumps_checked(fn, f"the function {_name(fn)} of map()"))
+        fobj = self._fn(_serialize.dumps_function(fn, "map()"))
         items = zip(*iterables)
         if chunksize > 1:
             units = [list(c) for c in iter(lambda: list(itertools.islice(items, chunksize)), [])]
@@ -313,7 +313,7 @@ class GPUExecutor(Executor):
         return fut
 
     def _prepare(self, fn: Callable):
-        return self._fn(_serialize.dumps_checked(fn, f"the function {_name(fn)}"))
+        return self._fn(_serialize.dumps_function(fn, "the pipeline stage"))
 
     # ---- what ProcessPoolExecutor code and CPython's tests inspect ----------------------------
     @property

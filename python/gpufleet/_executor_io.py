@@ -87,7 +87,9 @@ class Engine:
         self.grace, self.max_tasks = grace, max_tasks
         self.rebuild, self.prep, self.record = rebuild, prep, record
         self.sup = Supervised(grace)
-        self.lock = threading.Lock()
+        self.lock = threading.Lock()  # the queue and the flags
+        self.io = threading.Lock()  # the slots, their channels and processes
+        self.closing = False
         self.queue: collections.deque = collections.deque()
         self.shutting = self.killing = self.cancel_pending = False
         self.broken: Optional[BaseException] = None
@@ -121,9 +123,20 @@ class Engine:
         with self.lock:
             self.check()
             self.queue.extend(calls)
-            if self.want_work and not self.woken:
-                self.woken = True
-                os.eventfd_write(self.wake_fd, 1)
+            idle = self.want_work
+        if idle:
+            # The engine sleeps with a worker free: hand the calls over from this thread (one thread
+            # switch less per call); the engine reads the results. If it is busy, it is woken.
+            if self.io.acquire(blocking=False):
+                try:
+                    self._dispatch()
+                finally:
+                    self.io.release()
+            else:
+                with self.lock:
+                    if not self.woken and self.wake_fd >= 0:
+                        self.woken = True
+                        os.eventfd_write(self.wake_fd, 1)
 
     def shutdown(self, cancel: bool) -> None:
         """No new calls; with ``cancel``, the engine cancels what it could not start (it first
@@ -161,12 +174,13 @@ class Engine:
     def _run(self) -> None:
         try:
             while True:
-                self._dispatch()
-                if self.cancel_pending:
-                    self._cancel_queued()
-                if self._finished():
-                    return
-                timeout = self._deadlines()
+                with self.io:  # Note [Calls in flight]: the slots are this lock's (put may dispatch)
+                    self._dispatch()
+                    if self.cancel_pending:
+                        self._cancel_queued()
+                    if self._finished():
+                        return
+                    timeout = self._deadlines()
                 with self.lock:
                     self.woken = False
                     free = any(s.capacity(self.max_tasks) > 0 for s in self.slots)
@@ -175,35 +189,41 @@ class Engine:
                         timeout = 0
                 events = self.ep.poll(timeout)
                 self.want_work = False
-                self.closed_fds = set()  # closed while handling this batch: their events are stale
-                for fd, ev in events:
-                    if fd in self.closed_fds:
-                        continue
-                    if fd == self.wake_fd:
-                        try:
-                            os.eventfd_read(self.wake_fd)
-                        except BlockingIOError:
-                            pass
-                        continue
-                    slot, kind = self.by_fd.get(fd, (None, None))
-                    if slot is None:
-                        continue
-                    if kind == "sock":
-                        if ev & select.EPOLLOUT:
-                            try:
-                                if slot.chan.flush():
-                                    self.ep.modify(fd, select.EPOLLIN)
-                                    self._flushed(slot)
-                            except OSError:  # gone: the read below or its pidfd reports it
-                                pass
-                        if ev & (select.EPOLLIN | select.EPOLLHUP | select.EPOLLERR):
-                            self._read(slot)
-                    else:
-                        self._lost(slot)
+                with self.io:
+                    self._events(events)
         except BaseException as e:  # noqa: BLE001 - a bug here must not leave futures hanging forever
-            self._break(BrokenGPUExecutor(f"the executor's engine failed: {e!r}"))
+            with self.io:
+                self._break(BrokenGPUExecutor(f"the executor's engine failed: {e!r}"))
         finally:
-            self._close()
+            with self.io:
+                self._close()
+
+    def _events(self, events: list) -> None:
+        self.closed_fds = set()  # closed while handling this batch: their events are stale
+        for fd, ev in events:
+            if fd in self.closed_fds:
+                continue
+            if fd == self.wake_fd:
+                try:
+                    os.eventfd_read(self.wake_fd)
+                except BlockingIOError:
+                    pass
+                continue
+            slot, kind = self.by_fd.get(fd, (None, None))
+            if slot is None:
+                continue
+            if kind == "sock":
+                if ev & select.EPOLLOUT:
+                    try:
+                        if slot.chan.flush():
+                            self.ep.modify(fd, select.EPOLLIN)
+                            self._flushed(slot)
+                    except OSError:  # gone: the read below or its pidfd reports it
+                        pass
+                if ev & (select.EPOLLIN | select.EPOLLHUP | select.EPOLLERR):
+                    self._read(slot)
+            else:
+                self._lost(slot)
 
     def _finished(self) -> bool:
         if self.broken is None and not self.shutting:
@@ -221,7 +241,7 @@ class Engine:
     def _dispatch(self) -> None:
         """Sends queued calls to the workers with room, the least busy first, none more than its
         share of the queue (a worker that starts first does not take a whole burst)."""
-        if self.broken is not None or self.killing or not self.queue:
+        if self.broken is not None or self.killing or self.closing or not self.queue:
             return
         q = self.queue
         open_ = [s for s in self.slots if s.capacity(self.max_tasks) > 0]
@@ -522,6 +542,7 @@ class Engine:
                 c.finish(False, exc)
 
     def _close(self) -> None:
+        self.closing = True
         for s in self.slots:
             if s.proc is not None:
                 if s.proc.poll() is None:

@@ -31,6 +31,7 @@ import os
 import pickle
 import threading
 import types
+import weakref
 from collections import ChainMap
 from multiprocessing.reduction import ForkingPickler
 from typing import Any, Callable, Optional, Sequence
@@ -63,7 +64,9 @@ class SerializationError(pickle.PicklingError, TypeError):
 
 _SCALARS = (int, float, complex, str, bytes, bool, type(None))
 _namespaces: dict = {}  # (module name, parent's globals id) -> (namespace, tokens of what was installed)
+_MISSING = object()
 try:
+    from cloudpickle.cloudpickle import _extract_code_globals as _code_globals
     from cloudpickle.cloudpickle import _function_getstate, _function_setstate, _make_function
 except ImportError:  # pragma: no cover - another cloudpickle layout: its own rule (one copy per function)
     _function_setstate = None
@@ -303,17 +306,58 @@ def dumps_checked(obj: Any, what: str, *, out_of_band: bool = True) -> Payload:
         raise _explain(what, obj, e) from None
 
 
-def dumps_call(fn: Callable, args: tuple, kwargs: dict, what: str = "submit()") -> tuple[Payload, Payload]:
-    """The function and the arguments ``(args, kwargs)`` of a call, pickled apart (a worker keeps
-    a function it has seen, Note [Calls in flight] in _executor_io.py). ``SerializationError``
-    names the function or the argument that cannot be pickled."""
+_by_value_cache: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # function -> (fingerprint, Payload)
+
+
+def _fingerprint(fn, seen: set) -> Optional[tuple]:
+    """What a by-value pickle of ``fn`` depends on, as tokens (Note [Globals of functions sent by
+    value]): its code, defaults, the globals and closure values it uses, and the same for the
+    functions by value among those. None when it cannot tell (an empty cell)."""
+    seen.add(id(fn))
+    parts = [fn.__code__, id(fn.__defaults__), id(fn.__kwdefaults__), tuple(fn.__dict__)]
+    values = [fn.__globals__.get(n, _MISSING) for n in _code_globals(fn.__code__)]
     try:
-        fn_payload = dumps(fn)
+        values += [c.cell_contents for c in fn.__closure__ or ()]
+    except ValueError:
+        return None
+    for v in values:
+        parts.append(_token(v))
+        if isinstance(v, types.FunctionType) and id(v) not in seen and not _by_reference(v):
+            sub = _fingerprint(v, seen)
+            if sub is None:
+                return None
+            parts.append(sub)
+    return tuple(parts)
+
+
+def dumps_function(fn: Callable, what: str) -> Payload:
+    """``fn`` pickled; a function sent by value is pickled again only when something it depends on
+    changed (``_fingerprint``): submitting a notebook's function costs what pickling it by
+    reference costs. ``SerializationError`` names the function and what cannot be pickled."""
+    cacheable = (_function_setstate is not None and _by_reference is not None
+                 and isinstance(fn, types.FunctionType) and not _by_reference(fn))
+    key = None
+    if cacheable:
+        key = _fingerprint(fn, set())
+        got = _by_value_cache.get(fn)
+        if key is not None and got is not None and got[0] == key:
+            return got[1]
+    try:
+        payload = dumps(fn)
     except BaseException as e:  # noqa: BLE001
         if isinstance(e, KeyboardInterrupt):
             raise
         raise _explain(f"the function {_name(fn)} of {what}", fn, e) from None
-    return fn_payload, dumps_args(args, kwargs, what)
+    if key is not None and not payload.buffers:
+        _by_value_cache[fn] = (key, payload)
+    return payload
+
+
+def dumps_call(fn: Callable, args: tuple, kwargs: dict, what: str = "submit()") -> tuple[Payload, Payload]:
+    """The function and the arguments ``(args, kwargs)`` of a call, pickled apart (a worker keeps
+    a function it has seen, Note [Calls in flight] in _executor_io.py). ``SerializationError``
+    names the function or the argument that cannot be pickled."""
+    return dumps_function(fn, what), dumps_args(args, kwargs, what)
 
 
 def dumps_args(args: tuple, kwargs: Optional[dict], what: str) -> Payload:
