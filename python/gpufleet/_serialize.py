@@ -386,8 +386,8 @@ def _explain(label: str, obj: Any, err: BaseException) -> SerializationError:
     if "fork context" in str(cause):
         hint = "; make it with multiprocessing.get_context('spawn'), as torch.multiprocessing.spawn needs too"
     elif "through inheritance" in str(cause):
-        hint = ("; a multiprocessing queue reaches a worker only through spawn() args or the executor's "
-                "initargs (as with ProcessPoolExecutor), or use a Manager().Queue()")
+        hint = ("; multiprocessing queues, locks and events reach a worker only through spawn() args or the "
+                "executor's initargs (as with ProcessPoolExecutor); a Manager()'s can be passed anywhere")
     exc = SerializationError(f"{where} cannot be sent to a worker process: {_short_repr(culprit)} cannot be "
                              f"pickled ({type(cause).__name__}: {cause}){hint}")
     exc.__cause__ = cause
