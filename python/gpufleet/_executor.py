@@ -181,7 +181,7 @@ class GPUExecutor(Executor):
     GPU, each started with ``CUDA_VISIBLE_DEVICES`` naming its own GPU (so ``cuda:0`` inside is that
     GPU). ``initializer(*initargs)`` runs once per worker (load the model once per GPU); if it
     raises, the executor is broken (``BrokenGPUExecutor``), as ``ProcessPoolExecutor`` does. Calls
-    are taken from one shared queue, two in flight per worker (Note [Calls in flight]). Functions
+    are taken from one shared queue, several in flight per worker (Note [Calls in flight]). Functions
     from ``__main__``, a notebook, lambdas and closures travel by value (Note [Callables by value]);
     large NumPy arrays through shared memory (Note [Shared-memory arenas]). An exception comes back
     with the remote traceback and the device named; a worker that dies fails the call it ran with

@@ -3,27 +3,32 @@ and reads their results.
 
 Note [Calls in flight]
 ~~~~~~~~~~~~~~~~~~~~~~
-Calls wait in one queue. The engine thread sends each ready worker up to ``depth`` calls (2: one
-running, one waiting in its socket), so a worker starts the next call the moment it sends a result
-instead of idling while the parent handles it; the calls' frames for one worker go out in one
-write, and a worker's results are read in as few reads as arrive. ``depth`` stays small so a slow
-call holds back at most one other call on its worker (calls are not stolen back). A function is
-pickled once per ``map`` (per ``submit`` when small) and sent once per worker, which keeps it by id
-(``fn`` frames, evicted least recently used); the calls carry only their arguments.
+Calls wait in one queue; each worker is sent calls ahead of time, so it starts the next call the
+moment it sends a result instead of idling while the parent handles it. How many: at least 2 (one
+running, one waiting in its socket) and as many as make about 10 ms of work by the worker's measured
+time per call (up to 256 for tiny calls), so a slow call holds back little on its worker (calls are
+not stolen back) while a map over tiny items goes in large batches; a burst is shared among the
+workers (none takes more than its share of the queue). The frames for one worker go out in one
+write; the worker writes the results of a function that has been taking under 0.5 ms together while
+more calls of it are waiting (_executor_worker.py, ``_hold``), and the parent reads as many as have
+arrived at once. A function is pickled once per ``map`` (per ``submit``, again only when what it
+depends on changed) and sent once per worker, which keeps it by id (``fn`` frames, evicted least
+recently used); the calls carry only their arguments.
 
 One thread serves every worker with ``epoll``: each worker's socket (non-blocking: a busy worker
 never stalls the others), a pidfd per worker process (a worker is dead when its process ends, even
-if a child it forked still holds its socket), and an eventfd that ``submit`` writes only when the
-engine sleeps with a worker free. The thread holds no reference to the ``GPUExecutor``, so an
+if a child it forked still holds its socket), and an eventfd. A ``submit`` while the engine sleeps
+with a worker free sends the call from the caller's thread (``io`` lock), which saves waking the
+engine; otherwise it wakes the engine. The thread holds no reference to the ``GPUExecutor``, so an
 executor dropped without ``shutdown()`` is collected and its engine finishes the queued calls and
 stops, as ``ProcessPoolExecutor`` does.
 
 A worker that dies fails the call it was running with ``WorkerDiedError`` (a ``BrokenProcessPool``)
 naming the device; the calls queued behind it on that worker never started and go back to the front
-of the queue; the worker is replaced. A worker that dies or fails before it is ready (its
-initializer raised, or the interpreter could not start) breaks the executor, as
-``ProcessPoolExecutor`` does: every queued call and every later ``submit`` fail with
-``BrokenGPUExecutor``.
+of the queue; the worker is replaced. A worker whose initializer raises breaks the executor, as
+``ProcessPoolExecutor`` does, and so does a worker that dies twice in a row before it is ready (an
+initializer that crashes, an interpreter that cannot start): every queued call and every later
+``submit`` fail with ``BrokenGPUExecutor``.
 """
 from __future__ import annotations
 

@@ -5,8 +5,8 @@ context), the environment torchrun sets, and the rank's GPU in ``CUDA_VISIBLE_DE
 torch's rules, which these follow: a rank that returns, or calls ``sys.exit(0)``, succeeded; one
 that raises sends its traceback and exits with 1 (``ProcessRaisedException``); any other non-zero
 exit or a signal is ``ProcessExitedException`` ("process 0 terminated with exit code 3" / "with
-signal SIGABRT"). On the first failure the other ranks get the kill sequence (SIGTERM, grace,
-SIGKILL). The exceptions carry ``msg``, ``error_index`` (the rank), ``pid`` (also ``error_pid``) and
+signal SIGABRT", then the device and pid in parentheses). On the first failure the other ranks get
+the kill sequence (SIGTERM, grace, SIGKILL). The exceptions carry ``msg``, ``error_index`` (the rank), ``pid`` (also ``error_pid``) and
 pickle. Multiprocessing queues, events and locks made with ``multiprocessing.get_context("spawn")``
 may be passed in ``args`` (inherited by each rank, as torch does); one from the default (fork)
 context raises ``SerializationError`` saying so.

@@ -233,6 +233,10 @@ def test_a_worker_that_died_idle_is_replaced_and_the_next_call_runs(sim_gpus):
         (_, pid), = ex.workers
         os.kill(pid, signal.SIGKILL)
         assert _wait_gone([pid]) == []
+        # until its last thread has exited its socket still takes calls: wait until it is noticed
+        end = time.monotonic() + 20
+        while pid in [p for _, p in ex.workers] and time.monotonic() < end:
+            time.sleep(0.01)
         assert [ex.submit(F.square, i).result() for i in range(3)] == [0, 1, 4]  # no BrokenPipeError
         (_, new), = ex.workers
         assert new != pid
