@@ -699,15 +699,22 @@ class _Run:
                 try:
                     result = fn(payload)
                 except Exception as e:
-                    self.item_error(stage, env, e)
-                    if self.cancelled.is_set():
+                    if not self._skip_failed(stage, env, e, clock):
                         break
-                    out_q.put((keys, ids, _SKIPPED), clock)
                     continue
                 if isinstance(keys, tuple):
                     stats.add_batch(n)
                 stats.add_items_out(n)
                 out_q.put((keys, ids, result), clock)
+
+    def _skip_failed(self, stage: _Stage, env, exc: BaseException, clock) -> bool:
+        """A call of a stage failed: the error policy, then a skip marker downstream; False when
+        the run is cancelled (the worker stops)."""
+        self.item_error(stage, env, exc)
+        if self.cancelled.is_set():
+            return False
+        stage.out_q.put((env[0], env[1], _SKIPPED), clock)
+        return True
 
     def _process_worker(self, stage: _Stage, w: int):
         """``map(processes=True)``: like ``_stage_worker``, but the calls run in the stage's
@@ -746,10 +753,8 @@ class _Run:
                 try:
                     result = fut.result()
                 except Exception as e:
-                    self.item_error(stage, env, e)
-                    if self.cancelled.is_set():
+                    if not self._skip_failed(stage, env, e, clock):
                         break
-                    out_q.put((keys, ids, _SKIPPED), clock)
                     continue
                 n = len(keys) if isinstance(keys, tuple) else 1
                 if isinstance(keys, tuple):
