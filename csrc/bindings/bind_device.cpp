@@ -35,31 +35,34 @@ SelectOptions select_options(int n, std::optional<std::uint64_t> min_free_memory
 constexpr const char* kAcceptedObjects =
     "a gpufleet.Device, a string such as 'cpu' or 'cuda:1', an int N meaning 'cuda:N', or an object "
     "with .type and .index such as torch.device";
-}
 
-// A Python int as a device index: any size (Device(2**63) failed in pybind11's cast with "Unable to cast").
-int device_index_from_py(py::handle value) {
-  GF_CHECK_TYPE(PyLong_Check(value.ptr()) && !PyBool_Check(value.ptr()), "a device index must be an int, got {}",
-                py::repr(value).cast<std::string>());
+// A device index from Python, checked the same way wherever it comes from (an int, the index of
+// Device(type, index), a torch.device's .index): torch's "must not be negative", and no Python int is
+// ever too large for a pybind cast (ValueError, not the TypeError of a failed conversion).
+int device_index(py::handle obj) {
+  GF_CHECK_TYPE(PyLong_Check(obj.ptr()) && !PyBool_Check(obj.ptr()),
+                "Device index must be an int or None, got {}", py::repr(obj).cast<std::string>());
   int overflow = 0;
-  const long long i = PyLong_AsLongLongAndOverflow(value.ptr(), &overflow);
-  GF_CHECK_ARG(overflow == 0 && i >= 0 && i < (1LL << 30),
-               "invalid device index {}: expected a non-negative integer below 1073741824",
-               py::str(value).cast<std::string>());
+  const long long i = PyLong_AsLongLongAndOverflow(obj.ptr(), &overflow);
+  const bool negative = overflow < 0 || (overflow == 0 && i < 0);
+  GF_CHECK_ARG(!negative, "Device index must not be negative, got {}", py::str(obj).cast<std::string>());
+  GF_CHECK_ARG(overflow == 0 && i < (1LL << 30), "invalid device index {}: expected a non-negative integer below 1073741824 (2**30)",
+               py::str(obj).cast<std::string>());
   return static_cast<int>(i);
+}
 }
 
 Device device_from_py(py::handle obj) {
   if (py::isinstance<Device>(obj)) return obj.cast<Device>();
   if (py::isinstance<py::str>(obj)) return Device::parse(obj.cast<std::string>());
   if (py::isinstance<DeviceInfo>(obj)) return obj.cast<const DeviceInfo&>().device();
-  if (PyLong_Check(obj.ptr()) && !PyBool_Check(obj.ptr())) return Device::cuda(device_index_from_py(obj));
+  if (PyLong_Check(obj.ptr()) && !PyBool_Check(obj.ptr())) return Device::cuda(device_index(obj));
   if (py::hasattr(obj, "type") && py::hasattr(obj, "index")) {
     py::object type = obj.attr("type"), index = obj.attr("index");
     GF_CHECK_TYPE(py::isinstance<py::str>(type), "device object {} has a non-string .type; expected {}",
                   py::repr(obj).cast<std::string>(), kAcceptedObjects);
     Device d = Device::parse(type.cast<std::string>());
-    if (!index.is_none()) d = Device(d.type, device_index_from_py(index));
+    if (!index.is_none()) d = Device(d.type, device_index(index));
     return d;
   }
   throw TypeError_(fmt::format("expected a device, got {} of type {}; accepted: {}",
@@ -70,13 +73,12 @@ Device device_from_py(py::handle obj) {
 void bind_device(py::module_& m) {
   py::class_<Device>(m, "Device", "A device: 'cpu', 'cuda' (the current CUDA device) or 'cuda:N'.")
       .def(py::init([](py::object obj) { return device_from_py(obj); }), py::arg("device"))
-      .def(py::init([](const std::string& type, py::object index_obj) {
+      .def(py::init([](const std::string& type, py::object index) {
              Device d = Device::parse(type);
-             std::optional<int> index;
-             if (!index_obj.is_none()) index = device_index_from_py(index_obj);
-             GF_CHECK_ARG(!(d.has_index() && index),
-                          "Device('{}', {}): the type string already has an index", type, *index);
-             return index ? Device(d.type, *index) : d;
+             if (index.is_none()) return d;
+             const int i = device_index(index);
+             GF_CHECK_ARG(!d.has_index(), "Device('{}', {}): the type string already has an index", type, i);
+             return Device(d.type, i);
            }),
            py::arg("type"), py::arg("index"))
       .def_property_readonly("type", [](const Device& d) { return std::string(device_type_name(d.type)); })
@@ -89,14 +91,11 @@ void bind_device(py::module_& m) {
              return d.has_index() ? fmt::format("device(type='{}', index={})", device_type_name(d.type), d.index)
                                   : fmt::format("device(type='{}')", device_type_name(d.type));
            })
+      // Equal to Devices only, as torch.device: Device('cuda:1') != 'cuda:1' (compare str(d) for that)
       .def("__eq__",
-           [](const Device& a, py::object b) {
-             if (!py::isinstance<Device>(b) && !py::isinstance<py::str>(b)) return false;
-             try {
-               return a == device_from_py(b);
-             } catch (const std::exception&) {
-               return false;
-             }
+           [](const Device& a, py::object b) -> py::object {
+             if (!py::isinstance<Device>(b)) return py::reinterpret_borrow<py::object>(Py_NotImplemented);
+             return py::bool_(a == b.cast<Device>());
            })
       .def("__hash__", [](const Device& d) { return std::hash<Device>()(d); })
       .def(py::pickle([](const Device& d) { return d.str(); },

@@ -1,15 +1,13 @@
 """Python callables on GPUs: ``GPUExecutor`` (a ``concurrent.futures.Executor`` with one fresh
-process per GPU slot), ``spawn`` (one process per device running ``fn(rank, *args)``, like
-``torch.multiprocessing.spawn``) and ``worker_info``."""
+process per GPU slot) and ``worker_info``; ``spawn`` lives in _spawn_api.py, the engine that runs
+the workers in _executor_io.py (Note [Calls in flight]), the transport in _ipc.py (Note
+[Shared-memory arenas]), serialisation in _serialize.py (Note [Callables by value])."""
 from __future__ import annotations
 
-import atexit
+import concurrent.futures.process
 import itertools
 import multiprocessing.spawn
 import os
-import pickle
-import queue
-import socket
 import threading
 import time
 import weakref
@@ -17,11 +15,15 @@ from concurrent.futures import Executor, Future
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
-from . import _devices, _ipc
-from ._spawn import Supervised, describe_exit, start_worker, stop_group
+from . import _executor_io as _io, _serialize
+from ._executor_calls import BrokenGPUExecutor, Call, Fn, MapJob, WorkerDiedError
+from ._serialize import SerializationError
+from ._spawn_api import (ProcessException, ProcessExitedException, ProcessRaisedException, SpawnContext, spawn)
+from ._spawn_api import free_port  # noqa: F401 - gpufleet.cli.launch imports it from here
 
-__all__ = ["GPUExecutor", "WorkerInfo", "WorkerDiedError", "RemoteTraceback", "worker_info", "spawn", "SpawnContext",
-           "ProcessRaisedException", "ProcessExitedException"]
+__all__ = ["GPUExecutor", "WorkerInfo", "WorkerDiedError", "BrokenGPUExecutor", "RemoteTraceback",
+           "SerializationError", "worker_info", "spawn", "SpawnContext", "ProcessException", "ProcessRaisedException",
+           "ProcessExitedException"]
 
 
 @dataclass(frozen=True)
@@ -52,43 +54,38 @@ def worker_info() -> Optional[WorkerInfo]:
     return _worker_info
 
 
-class RemoteTraceback(Exception):
-    """The traceback of an exception raised in a worker (set as the ``__cause__`` of the re-raised one)."""
-
+class _OwnRemoteTraceback(Exception):
     def __init__(self, tb: str):
         super().__init__(tb)
         self.tb = tb
 
     def __str__(self) -> str:
-        return f'\n"""\n{self.tb}"""'
+        return self.tb
 
 
-class WorkerDiedError(RuntimeError):
-    """A worker process died (signal, ``os._exit``, OOM kill) while running a call."""
-
-    def __init__(self, message: str, device: str, exitcode: Optional[int]):
-        super().__init__(message)
-        self.device = device
-        self.exitcode = exitcode
+# The traceback of an exception raised in a worker, set as the ``__cause__`` of the re-raised one:
+# ProcessPoolExecutor's own class (code that checks the cause's type finds what it expects), ours
+# where a Python lacks it.
+RemoteTraceback = getattr(concurrent.futures.process, "_RemoteTraceback", _OwnRemoteTraceback)
 
 
 def _rebuild(blob, tb: str, summary: str, where: str) -> BaseException:
     exc = None
     if blob is not None:
         try:
-            exc = pickle.loads(blob)
-        except Exception:
+            exc = _serialize.loads(blob)
+        except BaseException:  # noqa: BLE001 - its class does not exist here, or its __reduce__ fails
             exc = None
-    if exc is None:
+    if not isinstance(exc, BaseException):
         exc = RuntimeError(summary)
-    exc.__cause__ = RemoteTraceback(tb)
+    exc.__cause__ = RemoteTraceback(f'\n"""\n{tb}"""')
     if hasattr(exc, "add_note"):
         exc.add_note(f"raised in {where}")
     return exc
 
 
-def _preparation(name: str) -> dict:
-    """multiprocessing's own preparation data (sys.path, cwd, the parent's __main__) for a fresh worker."""
+def _preparation(name: str = "gpufleet-worker") -> dict:
+    """multiprocessing's own preparation data (sys.path, cwd, argv) for a fresh worker."""
     data = multiprocessing.spawn.get_preparation_data(name)
     if "authkey" in data:
         data["authkey"] = bytes(data["authkey"])
@@ -103,6 +100,16 @@ def _pool(devices) -> list[tuple[str, str]]:
     return [(f"cuda:{d.ordinal}", d.visible_id) for d in _core.make_pool(_resolve_devices(devices))]
 
 
+def _count(value, name: str) -> Optional[int]:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int > 0, got {value!r}")
+    if value <= 0:
+        raise ValueError(f"{name} must be greater than 0, got {value}")
+    return value
+
+
 @dataclass
 class _Ev:  # the fields RunReport._attempt reads
     seq: int
@@ -114,418 +121,230 @@ class _Ev:  # the fields RunReport._attempt reads
     status: str
 
 
-# ---- the executor --------------------------------------------------------------------------------
+class _Recorder:
+    """Progress (Note [Progress modes] in _progress.py) and the RunReport, fed by the engine thread."""
 
-class _Worker:
-    def __init__(self, ex: "GPUExecutor", index: int, device: str, visible: str, slot: int):
-        self.ex, self.index, self.device, self.visible, self.slot = ex, index, device, visible, slot
-        self.proc = None
-        self.inbox = self.outbox = None
-        self.tasks_done = 0
+    def __init__(self, report, bar):
+        self.report, self.bar = report, bar
+        self.lock = threading.Lock()
+        self.calls = self.failed = 0
 
-    def start(self) -> None:
-        self.proc, self.outbox, self.inbox = start_worker(
-            self.ex._sup, {"CUDA_VISIBLE_DEVICES": self.visible, "GPUFLEET_DEVICE": self.device,
-                           "GPUFLEET_SLOT": str(self.slot), "GPUFLEET_WORKER": str(self.index)})
-        self.outbox.send(_preparation("gpufleet-worker"))
-        self.outbox.send(("executor", {"rank": self.index, "device": self.device, "slot": self.slot,
-                                       "owner": os.getpid()}))
-        self.tasks_done = 0
-        if self.ex._initializer is not None:
-            self.outbox.send(("init", -1, self.ex._initializer, tuple(self.ex._initargs), {}))
+    def __call__(self, name: str, device: str, slot: int, start: float, end: float, error) -> None:
+        with self.lock:
+            seq = self.calls
+            self.calls += 1
+            self.failed += error is not None
+            if self.report is not None:
+                from ._dispatch import TaskRecord
 
-    def where(self) -> str:
-        pid = self.proc.pid if self.proc else "?"
-        return f"gpufleet worker {self.index} on {self.device} (CUDA_VISIBLE_DEVICES={self.visible}, pid {pid})"
-
-    def stop(self, graceful: bool) -> None:
-        if self.proc is None:
-            return
-        if graceful and self.proc.poll() is None:
-            try:
-                self.outbox.send(None)
-                self.proc.wait(timeout=self.ex._grace)
-            except Exception:
-                pass
-        stop_group([self.proc], self.ex._grace)
-        self.ex._sup.forget(self.proc)
-        for c in (self.inbox, self.outbox):
-            try:
-                c.close()
-            except Exception:
-                pass
-        self.proc = None
-
-    def died(self) -> WorkerDiedError:
-        code = self.proc.wait()
-        return WorkerDiedError(f"{self.where()} died ({describe_exit(code)}) while running a call; it was replaced",
-                               self.device, code)
-
-    def loop(self) -> None:
-        ex = self.ex
-        while True:
-            item = ex._queue.get()
-            if item is None:
-                self.stop(graceful=True)
-                return
-            fut, fn, args, kwargs = item
-            if not fut.set_running_or_notify_cancel():
-                continue
-            started = time.time()
-            try:
-                if self.proc is None:
-                    self.start()
-                sent = _ipc.send(self.outbox, ("task", 0, fn, args, kwargs), os.getpid())  # Note [Out-of-band buffers]
-                reply = None
-                while reply is None:
-                    try:
-                        msg = _ipc.recv(self.inbox)
-                    except (EOFError, OSError):
-                        _ipc.discard(sent)  # the arguments' file, if it died before reading it
-                        err = self.died()
-                        self.stop(graceful=False)
-                        fut.set_exception(err)
-                        break
-                    if msg[0] == "init_error":
-                        _, _, blob, tb, summary = msg
-                        fut.set_exception(_rebuild(blob, tb, summary, f"the initializer of {self.where()}"))
-                        self.stop(graceful=False)
-                        break
-                    reply = msg
-                if reply is not None:
-                    self.tasks_done += 1
-                    if reply[0] == "ok":
-                        fut.set_result(reply[2])
-                    else:
-                        _, _, blob, tb, summary = reply
-                        fut.set_exception(_rebuild(blob, tb, summary, self.where()))
-                    if ex._max_tasks and self.tasks_done >= ex._max_tasks:
-                        self.stop(graceful=True)  # recycled: memory a library never freed comes back
-            except BaseException as e:  # pickling errors of the arguments, broken pipes
-                if not fut.done():
-                    fut.set_exception(e)
-                if self.proc is not None and self.proc.poll() is not None:
-                    self.stop(graceful=False)
-            finally:
-                ex._record(fut, self, started, getattr(fn, "__name__", "call"))
+                devs = [device] if device != "cpu" else []
+                status = "succeeded" if error is None else "failed"
+                self.report._attempt(_Ev(seq, name, 1, slot, start, end, status), devs)
+                self.report._final(TaskRecord(seq, name, status, devs, slot, start, end, 1,
+                                              message="" if error is None else repr(error)))
+            if self.bar is not None:
+                self.bar.set_postfix_str(f"failed={self.failed}", refresh=False)
+                self.bar.update(1)
 
 
-def _process_chunk(fn, chunk):
-    return [fn(*args) for args in chunk]
+class _WorkerProcess:
+    """``ProcessPoolExecutor._processes``' values for code that inspects or stops workers."""
+
+    def __init__(self, popen):
+        self._p = popen
+        self.pid = popen.pid
+
+    @property
+    def exitcode(self):
+        return self._p.poll()
+
+    def is_alive(self) -> bool:
+        return self._p.poll() is None
+
+    def terminate(self) -> None:
+        self._p.terminate()
+
+    def kill(self) -> None:
+        self._p.kill()
+
+    def join(self, timeout: Optional[float] = None) -> None:
+        import subprocess
+
+        try:
+            self._p.wait(timeout)
+        except subprocess.TimeoutExpired:
+            pass
 
 
 class GPUExecutor(Executor):
     """A ``concurrent.futures.Executor`` whose workers are fresh processes, ``slots_per_device`` per
     GPU, each started with ``CUDA_VISIBLE_DEVICES`` naming its own GPU (so ``cuda:0`` inside is that
-    GPU). ``initializer(*initargs)`` runs once per worker (load the model once per GPU). Calls are
-    taken from one shared queue by whichever worker is free. An exception comes back with the remote
-    traceback and the device named; a worker that dies fails its call with ``WorkerDiedError`` and is
-    replaced; ``max_tasks_per_worker`` recycles workers. On a machine without GPUs ``devices`` may be
-    ``"cpu"`` with ``workers=N`` (or simulate GPUs)."""
+    GPU). ``initializer(*initargs)`` runs once per worker (load the model once per GPU); if it
+    raises, the executor is broken (``BrokenGPUExecutor``), as ``ProcessPoolExecutor`` does. Calls
+    are taken from one shared queue, several in flight per worker (Note [Calls in flight]). Functions
+    from ``__main__``, a notebook, lambdas and closures travel by value (Note [Callables by value]);
+    large NumPy arrays through shared memory (Note [Shared-memory arenas]). An exception comes back
+    with the remote traceback and the device named; a worker that dies fails the call it ran with
+    ``WorkerDiedError`` (a ``BrokenProcessPool``) and is replaced; ``max_tasks_per_worker``
+    recycles workers. On a machine without GPUs ``devices="cpu"`` with ``workers=N`` (or
+    ``max_workers=N``, ProcessPoolExecutor's name) runs N CPU workers (or simulate GPUs)."""
 
     def __init__(self, devices: Any = "auto", slots_per_device: int = 1, initializer: Optional[Callable] = None,
                  initargs: tuple = (), max_tasks_per_worker: Optional[int] = None, *, workers: Optional[int] = None,
-                 kill_grace: float = 5.0, progress: bool = False, report: bool = False):
-        if max_tasks_per_worker is not None and (isinstance(max_tasks_per_worker, bool)
-                                                 or not isinstance(max_tasks_per_worker, int) or max_tasks_per_worker < 1):
-            raise ValueError(f"max_tasks_per_worker must be None or an int >= 1, got {max_tasks_per_worker!r}")
+                 max_workers: Optional[int] = None, kill_grace: float = 5.0, progress: bool = False,
+                 report: bool = False):
+        if workers is not None and max_workers is not None:
+            raise TypeError("give workers or max_workers (the same thing), not both")
+        n = _count(workers, "workers") if max_workers is None else _count(max_workers, "max_workers")
+        _count(max_tasks_per_worker, "max_tasks_per_worker")
         if isinstance(slots_per_device, bool) or not isinstance(slots_per_device, int) or slots_per_device < 1:
             raise ValueError(f"slots_per_device must be an int >= 1, got {slots_per_device!r}")
         if initializer is not None and not callable(initializer):
             raise TypeError(f"initializer must be callable, got {initializer!r}")
         if devices == "cpu":
-            n = workers or os.cpu_count() or 1
-            pool = [("cpu", "")] * n
+            pool = [("cpu", "")] * (n or os.cpu_count() or 1)
             slots_per_device = 1
         else:
+            if n is not None:
+                raise ValueError(f"workers={n} applies to devices='cpu'; on GPUs the pool is slots_per_device "
+                                 "workers per device")
             pool = _pool(devices)
             if not pool:
                 raise ValueError("GPUExecutor: no GPU visible (devices='auto' found none); pass devices='cpu' with "
                                  "workers=N to run on the CPU, or simulate GPUs with gpufleet.simulate_gpus")
-        self._initializer, self._initargs = initializer, initargs
-        self._max_tasks = max_tasks_per_worker
-        self._grace = kill_grace
-        self._queue: "queue.SimpleQueue" = queue.SimpleQueue()
-        self._sup = Supervised(kill_grace)
-        self._shutdown = False
-        self._lock = threading.Lock()
-        self._progress = progress
-        self._calls = self._failed = 0
-        self._report = None
-        self._bar = None
+        init = None
+        if initializer is not None:
+            # pickled once, here (an initializer that cannot travel fails the constructor); queues
+            # from multiprocessing.get_context("spawn") in initargs reach every worker
+            payload, fds = _serialize.dumps_for_child((initializer, tuple(initargs), {}),
+                                                      "the initializer and initargs of GPUExecutor()")
+            init = (payload, fds, initargs)
+        report_obj = bar = None
         if progress or report:
             from . import _core
             from ._dispatch import RunReport, _resolve_devices
 
             gpu_pool = [] if devices == "cpu" else _core.make_pool(_resolve_devices(devices))
-            self._report = RunReport(gpu_pool, slots_per_device, 100_000)
+            report_obj = RunReport(gpu_pool, slots_per_device, 100_000)
         if progress:
-            from tqdm.auto import tqdm
+            from ._progress import Bar
 
-            self._bar = tqdm(unit="call", dynamic_ncols=True, desc="gpufleet executor")
-        self._workers = []
-        for slot in range(slots_per_device):
-            for name, visible in pool:
-                self._workers.append(_Worker(self, len(self._workers), name, visible, slot))
-        for w in self._workers:
-            w.start()  # eagerly: initializers run while the first calls are submitted
-        self._threads = [threading.Thread(target=w.loop, name=f"gpufleet-executor-{w.index}", daemon=True)
-                         for w in self._workers]
-        for t in self._threads:
-            t.start()
-        _live_executors.add(self)
+            bar = Bar(unit="call", desc="gpufleet executor")  # Note [Progress modes]
+        self._recorder = _Recorder(report_obj, bar) if report_obj is not None else None
+        places = [(name, visible, slot) for slot in range(slots_per_device) for name, visible in pool]
+        self._engine = _io.Engine(places, init=init, grace=kill_grace, max_tasks=max_tasks_per_worker,
+                                  rebuild=_rebuild, prep=_preparation, record=self._recorder)
+        # dropped without shutdown(): the engine finishes the queued calls and stops the workers
+        weakref.finalize(self, self._engine.shutdown, False)
 
+    # ---- the Executor interface ---------------------------------------------------------------
+    def submit(self, fn: Callable, /, *args, **kwargs) -> Future:
+        """Schedules ``fn(*args, **kwargs)``. The call is pickled here, in the caller's thread
+        (Note [Callables by value]): lambdas, closures and functions from ``__main__`` or a notebook
+        travel by value; something that cannot be pickled raises ``SerializationError`` now."""
+        self._engine.check()
+        fn_payload, args_payload = _serialize.dumps_call(fn, args, kwargs)
+        fut: Future = Future()
+        self._engine.put([Call(self._fn(fn_payload), args_payload, fut, 0, _name(fn))])
+        return fut
+
+    def map(self, fn: Callable, *iterables, timeout: Optional[float] = None, chunksize: int = 1):
+        """Like ``ProcessPoolExecutor.map``: every item is pickled now (an item that cannot be raises
+        ``SerializationError`` here), results come in order; ``chunksize`` items travel per message;
+        ``timeout`` (seconds from this call) raises ``TimeoutError`` from the iterator."""
+        if isinstance(chunksize, bool) or not isinstance(chunksize, int) or chunksize < 1:
+            raise ValueError(f"chunksize must be an int >= 1, got {chunksize!r}")
+        deadline = None if timeout is None else time.monotonic() + timeout
+        self._engine.check()
+        fobj = self._fn(_serialize.dumps_function(fn, "map()"))
+        items = zip(*iterables)
+        if chunksize > 1:
+            units = [list(c) for c in iter(lambda: list(itertools.islice(items, chunksize)), [])]
+            payloads = [_serialize.dumps_args(u, None, "map()") for u in units]
+        else:
+            payloads = [_serialize.dumps_args(a, {}, f"map() (item {i})") for i, a in enumerate(items)]
+        job = MapJob(len(payloads))
+        name = _name(fn)
+        self._engine.put([Call(fobj, p, job, i, name, chunksize > 1) for i, p in enumerate(payloads)])
+        return _results(job, len(payloads), deadline, chunksize > 1)
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        """As ``Executor.shutdown``: queued calls run (or are cancelled with ``cancel_futures``),
+        then the workers stop; ``wait`` waits for that."""
+        self._engine.shutdown(cancel_futures)
+        if wait:
+            self._engine.thread.join()
+            if self._recorder is not None and self._recorder.bar is not None:
+                self._recorder.bar.close()
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is KeyboardInterrupt:
+            self._engine.kill()
+        self.shutdown(wait=True, cancel_futures=exc_type is not None)
+        return False
+
+    # ---- gpufleet's additions -----------------------------------------------------------------
     @property
     def workers(self) -> list[tuple[str, int]]:
         """(device, pid) of each live worker."""
-        return [(w.device, w.proc.pid) for w in self._workers if w.proc is not None]
-
-    def submit(self, fn: Callable, /, *args, **kwargs) -> Future:
-        with self._lock:
-            if self._shutdown:
-                raise RuntimeError("cannot submit to a GPUExecutor after shutdown")
-            fut: Future = Future()
-            self._queue.put((fut, fn, args, kwargs))
-            return fut
-
-    def map(self, fn: Callable, *iterables, timeout: Optional[float] = None, chunksize: int = 1):
-        """Like ``ProcessPoolExecutor.map``: results in order; ``chunksize`` items travel per message."""
-        if isinstance(chunksize, bool) or not isinstance(chunksize, int) or chunksize < 1:
-            raise ValueError(f"chunksize must be an int >= 1, got {chunksize!r}")
-        if chunksize == 1:
-            return super().map(fn, *iterables, timeout=timeout)
-        import functools
-
-        it = zip(*iterables)
-        chunks = iter(lambda: list(itertools.islice(it, chunksize)), [])
-        results = super().map(functools.partial(_process_chunk, fn), chunks, timeout=timeout)
-        return itertools.chain.from_iterable(results)
-
-    def _record(self, fut: Future, w: _Worker, start: float, name: str) -> None:
-        if not self._progress and self._report is None:
-            return
-        with self._lock:
-            seq = self._calls
-            self._calls += 1
-            ok = fut.done() and not fut.cancelled() and fut.exception() is None
-            if not ok and fut.done() and not fut.cancelled():
-                self._failed += 1
-            if self._report is not None:
-                from ._dispatch import AttemptRecord, TaskRecord
-
-                devs = [w.device] if w.device != "cpu" else []
-                status = "succeeded" if ok else "failed"
-                end = time.time()
-                self._report._attempt(_Ev(seq, name, 1, w.slot, start, end, status), devs)
-                self._report._final(TaskRecord(seq, name, status, devs, w.slot, start, end, 1,
-                                               message="" if ok else repr(fut.exception())))
-            if self._bar is not None:
-                self._bar.set_postfix_str(f"failed={self._failed}", refresh=False)
-                self._bar.update(1)
+        return [(s.device, p.pid) for s, p in self._engine.processes()]
 
     def report(self):
         """The ``RunReport`` of the calls so far (per call: device, slot, times, status; per device:
         busy fraction, calls, failures). Needs ``GPUExecutor(..., progress=True)`` or ``report=True``."""
-        if self._report is None:
+        if self._recorder is None:
             raise RuntimeError("this GPUExecutor keeps no report: create it with progress=True or report=True")
-        self._report.finished = time.time()
-        return self._report
+        self._recorder.report.finished = time.time()
+        return self._recorder.report
 
-    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
-        with self._lock:
-            if self._shutdown and not wait:
-                return
-            first = not self._shutdown
-            self._shutdown = True
-        if first:
-            if cancel_futures:
-                while True:
-                    try:
-                        item = self._queue.get_nowait()
-                    except queue.Empty:
-                        break
-                    if item is not None:
-                        item[0].cancel()
-            for _ in self._workers:
-                self._queue.put(None)
-        if wait:
-            for t in self._threads:
-                t.join()
-            if self._bar is not None:
-                self._bar.close()
-                self._bar = None
-            self._sup.close()
-            _ipc.cleanup(os.getpid())  # buffers sent to a worker that died before reading them
-            _live_executors.discard(self)
+    @staticmethod
+    def _fn(payload):
+        """The function of a call as the engine sends it: a small pickle is its own key (sent once
+        per worker however often it is submitted); a large one (captured arrays) is keyed per
+        ``map``/pipeline stage, or per call for ``submit``."""
+        small = not payload.buffers and len(payload.data) <= 8192
+        return Fn(payload, payload.data if small else object())
+
+    def _submit_with(self, fobj, *args) -> Future:
+        """``submit`` of a function prepared once by ``_prepare`` (process pipelines)."""
+        self._engine.check()
+        fut: Future = Future()
+        self._engine.put([Call(fobj, _serialize.dumps_args(args, {}, "the stage"), fut, 0, "call")])
+        return fut
+
+    def _prepare(self, fn: Callable):
+        return self._fn(_serialize.dumps_function(fn, "the pipeline stage"))
+
+    # ---- what ProcessPoolExecutor code and CPython's tests inspect ----------------------------
+    @property
+    def _processes(self) -> dict:
+        return {p.pid: _WorkerProcess(p) for _, p in self._engine.processes()}
+
+    @property
+    def _broken(self):
+        b = self._engine.broken
+        return False if b is None else str(b)
+
+    @property
+    def _max_workers(self) -> int:
+        return len(self._engine.slots)
 
     def _kill(self) -> None:
-        """Interpreter exit or Ctrl-C: the kill sequence on every worker now."""
-        self.shutdown(wait=False, cancel_futures=True)
-        stop_group([p for p in (w.proc for w in self._workers) if p is not None], self._grace)
-
-    def __exit__(self, exc_type, exc, tb):
-        if exc_type is KeyboardInterrupt:
-            self._kill()
-        self.shutdown(wait=True, cancel_futures=exc_type is not None)
-        return False
+        self._engine.kill()
 
 
-_live_executors: "weakref.WeakSet[GPUExecutor]" = weakref.WeakSet()
+def _name(fn) -> str:
+    return getattr(fn, "__name__", None) or type(fn).__name__
 
 
-@atexit.register
-def _kill_live_executors() -> None:
-    for ex in list(_live_executors):
-        try:
-            ex._kill()
-        except Exception:
-            pass
-
-
-# ---- spawn ----------------------------------------------------------------------------------------
-
-class ProcessRaisedException(Exception):
-    """A spawned rank raised: ``rank``, the remote traceback in the message (as torch does)."""
-
-    def __init__(self, msg: str, rank: int, pid: int):
-        super().__init__(msg)
-        self.rank = rank
-        self.error_index = rank
-        self.pid = pid
-
-
-class ProcessExitedException(Exception):
-    """A spawned rank exited with a non-zero code or was killed by a signal."""
-
-    def __init__(self, msg: str, rank: int, pid: int, exit_code: int, signal_name: Optional[str] = None):
-        super().__init__(msg)
-        self.rank = rank
-        self.error_index = rank
-        self.pid = pid
-        self.exit_code = exit_code
-        self.signal_name = signal_name
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port free right now on ``host`` (the kernel's choice, so two jobs never pick the same)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
-
-
-class SpawnContext:
-    """The running ranks of ``spawn(..., join=False)``; ``join()`` like torch's ProcessContext."""
-
-    def __init__(self, procs, conns, devices, sup: Supervised, grace: float):
-        self.processes = procs
-        self._conns = conns
-        self._devices = devices
-        self._sup = sup
-        self._grace = grace
-        self._done = [False] * len(procs)
-        self._closed = False
-
-    def pids(self) -> list[int]:
-        return [p.pid for p in self.processes]
-
-    def join(self, timeout: Optional[float] = None) -> bool:
-        """Waits for every rank; True when all finished. On the first failure the other ranks get the
-        kill sequence and the failure is raised."""
-        from multiprocessing.connection import wait as mp_wait
-
-        end = None if timeout is None else time.monotonic() + timeout
-        while not all(self._done):
-            left = None if end is None else max(0.0, end - time.monotonic())
-            pending = [c for c, d in zip(self._conns, self._done) if not d]
-            ready = mp_wait(pending, timeout=left)
-            if not ready:
-                return False
-            for c in ready:
-                rank = self._conns.index(c)
-                try:
-                    msg = c.recv()
-                except (EOFError, OSError):
-                    msg = None
-                p = self.processes[rank]
-                code = p.wait()
-                self._done[rank] = True
-                if msg is not None and msg[0] == "ok" and code == 0:
-                    continue
-                self._fail_others(rank)
-                where = f"rank {rank} on {self._devices[rank]} (pid {p.pid})"
-                if msg is not None and msg[0] == "error":
-                    raise ProcessRaisedException(f"\n\n-- Process {rank} terminated with the following error "
-                                                 f"({where}):\n{msg[2]}", rank, p.pid)
-                sig = None
-                if code < 0:
-                    import signal as _signal
-
-                    sig = _signal.Signals(-code).name
-                raise ProcessExitedException(f"process {rank} terminated with {describe_exit(code)} ({where})", rank,
-                                             p.pid, code, sig)
-        self._close()
-        return True
-
-    def _fail_others(self, rank: int) -> None:
-        stop_group(self.processes, self._grace)
-        self._done = [True] * len(self.processes)
-        self._close()
-
-    def _close(self) -> None:
-        if not self._closed:
-            self._closed = True
-            for c in self._conns:
-                c.close()
-            for p in self.processes:
-                self._sup.forget(p)
-            self._sup.close()
-
-
-def spawn(fn: Callable, args: tuple = (), nprocs: Optional[int] = None, devices: Any = "auto", join: bool = True,
-          master_port: Optional[int] = None, master_addr: str = "127.0.0.1", kill_grace: float = 5.0):
-    """Runs ``fn(rank, *args)`` in one fresh process per device, with ``RANK``, ``LOCAL_RANK``,
-    ``WORLD_SIZE``, ``LOCAL_WORLD_SIZE``, ``MASTER_ADDR``, ``MASTER_PORT`` (a free port when none is
-    given) and ``CUDA_VISIBLE_DEVICES`` (that rank's GPU) set before it starts. On the first failure
-    the other ranks are stopped (SIGTERM, grace, SIGKILL) and ``ProcessRaisedException`` (with the
-    rank's traceback) or ``ProcessExitedException`` (exit code or signal) is raised, as
-    ``torch.multiprocessing.spawn`` does. ``join=False`` returns a ``SpawnContext``.
-    ``devices="cpu"`` runs ``nprocs`` ranks without GPUs."""
-    if devices == "cpu":
-        if not nprocs:
-            raise ValueError("spawn(devices='cpu') needs nprocs")
-        pool = [("cpu", "")] * nprocs
-    else:
-        pool = _pool(devices)
-        if nprocs is None:
-            nprocs = len(pool)
-        if nprocs < 1 or nprocs > len(pool):
-            raise ValueError(f"spawn: nprocs={nprocs} but {len(pool)} device{'s' if len(pool) != 1 else ''} "
-                             f"{'is' if len(pool) == 1 else 'are'} available ({', '.join(n for n, _ in pool) or 'none'}); "
-                             "one process per device")
-        pool = pool[:nprocs]
-    port = master_port if master_port is not None else free_port(master_addr)
-    sup = Supervised(kill_grace)
-    procs, conns = [], []
-    prep = _preparation("gpufleet-spawn")
-    for rank, (name, visible) in enumerate(pool):
-        env = {"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(nprocs), "LOCAL_WORLD_SIZE": str(nprocs),
-               "GROUP_RANK": "0", "MASTER_ADDR": master_addr, "MASTER_PORT": str(port), "GPUFLEET_DEVICE": name,
-               "GPUFLEET_SLOT": "0", "GPUFLEET_WORKER": str(rank)}
-        env["CUDA_VISIBLE_DEVICES"] = visible
-        p, outbox, inbox = start_worker(sup, env)
-        outbox.send(prep)
-        outbox.send(("spawn", {"rank": rank, "device": name, "slot": 0, "world_size": nprocs}))
-        outbox.send((fn, tuple(args)))
-        outbox.close()
-        procs.append(p)
-        conns.append(inbox)
-    ctx = SpawnContext(procs, conns, [n for n, _ in pool], sup, kill_grace)
-    if not join:
-        return ctx
+def _results(job, n: int, deadline: Optional[float], chunked: bool):
+    """map's iterator; it holds the job only (not the executor), and no result it has yielded."""
     try:
-        while not ctx.join():
-            pass
-    except KeyboardInterrupt:
-        ctx._fail_others(-1)
-        raise
-    return None
+        for i in range(n):
+            if chunked:
+                yield from job.take(i, deadline)
+            else:
+                yield job.take(i, deadline)
+    finally:
+        job.cancelled = True  # what was not sent yet is dropped (the consumer stopped or failed)
+

@@ -17,15 +17,14 @@ the error policy, shuts everything down on Ctrl-C or a failing stage, and builds
 """
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import contextlib
 import dataclasses
 import heapq
 import inspect
 import math
-import multiprocessing
 import os
-import signal
 import threading
 import time
 import traceback
@@ -158,10 +157,6 @@ def _stager(device: Device) -> Callable[[Any], Any]:
     return stage
 
 
-def _ignore_sigint():  # process-pool initializer: the parent owns Ctrl-C handling
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-
-
 def _split_batch(payload, n: int, stage: str) -> list:
     try:
         length = len(payload)
@@ -275,8 +270,9 @@ class Pipeline:
     def map(self, fn: Callable[[Any], Any], *, workers: int = 1, processes: bool = False,
             name: Optional[str] = None, queue_size: Optional[int] = None) -> "Pipeline":
         """Applies ``fn`` to every item (to every batch after ``.batch()``) on ``workers`` threads, or
-        with ``processes=True`` in a pool of ``workers`` spawned processes (``fn`` and the items must
-        pickle; use it for Python code that holds the GIL)."""
+        with ``processes=True`` in ``workers`` fresh processes (use it for Python code that holds the
+        GIL; ``fn`` may be a lambda, a closure or a function from ``__main__`` or a notebook: it travels
+        by value, Note [Callables by value]; the items must pickle)."""
         if not callable(fn):
             raise TypeError(f"map() takes a callable, got {fn!r}")
         _check_int(workers, "workers")
@@ -364,7 +360,8 @@ class _Stage:
         self.stats = stats
         self.in_q = in_q
         self.out_q = out_q
-        self.pool: Optional[concurrent.futures.ProcessPoolExecutor] = None
+        self.pool = None  # a GPUExecutor(devices="cpu") for map(processes=True)
+        self.fn_ref = None  # its function, pickled once
 
 
 class _Run:
@@ -524,20 +521,71 @@ class _Run:
                     out_q.put(env, clock)
                     continue
                 try:
-                    if stage.pool is not None:
-                        result = stage.pool.submit(fn, payload).result()
-                    else:
-                        result = fn(payload)
+                    result = fn(payload)
                 except Exception as e:
-                    self.item_error(stage, env, e)
-                    if self.cancelled.is_set():
+                    if not self._skip_failed(stage, env, e, clock):
                         break
-                    out_q.put((keys, ids, _SKIPPED), clock)
                     continue
                 if isinstance(keys, tuple):
                     stats.add_batch(n)
                 stats.add_items_out(n)
                 out_q.put((keys, ids, result), clock)
+
+    def _skip_failed(self, stage: _Stage, env, exc: BaseException, clock) -> bool:
+        """A call of a stage failed: the error policy, then a skip marker downstream; False when
+        the run is cancelled (the worker stops)."""
+        self.item_error(stage, env, exc)
+        if self.cancelled.is_set():
+            return False
+        stage.out_q.put((env[0], env[1], _SKIPPED), clock)
+        return True
+
+    def _process_worker(self, stage: _Stage, w: int):
+        """``map(processes=True)``: like ``_stage_worker``, but the calls run in the stage's
+        executor, two in flight per thread so its worker process never waits on this thread between
+        items (Note [Calls in flight] in _executor_io.py); items leave in the order they came."""
+        stats, in_q, out_q, pool = stage.stats, stage.in_q, stage.out_q, stage.pool
+        with self._running(stage, w) as clock:
+            pending: collections.deque = collections.deque()
+            closed = False
+            while pending or not closed:
+                while not closed and len(pending) < 2:
+                    try:
+                        env = in_q.get(clock, 0 if pending else None)
+                    except TimeoutError:
+                        break
+                    except QueueClosed:
+                        closed = True
+                        break
+                    keys, ids, payload = env
+                    stats.add_items_in(len(keys) if isinstance(keys, tuple) else 1)
+                    fut = None
+                    if payload is not _SKIPPED:
+                        try:
+                            fut = pool._submit_with(stage.fn_ref, payload)
+                        except Exception as e:  # an item that cannot be pickled: that item's error
+                            fut = concurrent.futures.Future()
+                            fut.set_exception(e)
+                    pending.append((env, fut))
+                if not pending:
+                    continue
+                env, fut = pending.popleft()
+                keys, ids, _ = env
+                if fut is None:
+                    out_q.put(env, clock)
+                    continue
+                try:
+                    result = fut.result()
+                except Exception as e:
+                    if not self._skip_failed(stage, env, e, clock):
+                        break
+                    continue
+                n = len(keys) if isinstance(keys, tuple) else 1
+                if isinstance(keys, tuple):
+                    stats.add_batch(n)
+                stats.add_items_out(n)
+                out_q.put((keys, ids, result), clock)
+                del result, fut
 
     def _batch_worker(self, stage: _Stage):
         spec, stats, in_q, out_q = stage.spec, stage.stats, stage.in_q, stage.out_q
@@ -743,9 +791,13 @@ class _Run:
             # Process pools and devices first: a failure here starts nothing.
             for s in self.stages:
                 if s.spec.kind == "map" and s.spec.processes:
-                    s.pool = concurrent.futures.ProcessPoolExecutor(
-                        max_workers=s.spec.workers, mp_context=multiprocessing.get_context("spawn"),
-                        initializer=_ignore_sigint)
+                    # fresh processes in their own process group (a terminal's Ctrl-C reaches
+                    # only the parent, which owns shutdown); fn and items travel by value where
+                    # needed (Note [Callables by value] in _serialize.py)
+                    from ._executor import GPUExecutor
+
+                    s.pool = GPUExecutor(devices="cpu", workers=s.spec.workers)
+                    s.fn_ref = s.pool._prepare(s.spec.fn)  # pickled once for the run
                 if s.spec.kind == "gpu":
                     s.devices = s.spec.devices[0]  # worker w runs on devices[w // replicas_per_device]
                     gpu_devices += [d for d in s.spec.devices[0] if d.type == "cuda"]
@@ -753,7 +805,11 @@ class _Run:
             self.threads.append(threading.Thread(target=self._source_worker, name="gf-source", daemon=True))
             for s in self.stages:
                 k = s.spec.kind
-                if k in ("map", "gpu"):
+                if s.pool is not None:
+                    for w in range(s.spec.workers):
+                        self.threads.append(threading.Thread(target=self._process_worker, args=(s, w),
+                                                             name=f"gf-{s.spec.name}-{w}", daemon=True))
+                elif k in ("map", "gpu"):
                     fn = None if (k == "gpu" and s.spec.factory) else s.spec.fn
                     for w in range(s.spec.workers):
                         self.threads.append(threading.Thread(target=self._stage_worker, args=(s, w, fn),

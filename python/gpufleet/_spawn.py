@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
-from multiprocessing.connection import Connection
 from typing import Optional, Sequence
 
 from . import _core
@@ -72,17 +72,22 @@ def _signal_group(pgid: int, sig: int) -> None:
         pass
 
 
-def start_worker(sup: Supervised, extra_env: dict) -> tuple[subprocess.Popen, Connection, Connection]:
-    """A fresh Python worker (gpufleet._executor_worker) and two connections to it."""
-    r1, w1 = os.pipe()
-    r2, w2 = os.pipe()
+def start_worker(sup: Supervised, extra_env: dict, pass_fds: Sequence[int] = ()) -> tuple[subprocess.Popen, socket.socket]:
+    """A fresh Python worker (gpufleet._executor_worker) and the parent's end of its socket.
+    ``pass_fds``: descriptors the worker inherits at the same numbers (those of multiprocessing
+    queues in a payload pickled for a child, _serialize.dumps_for_child)."""
+    from ._ipc import socketpair
+
+    mine, theirs = socketpair()
     try:
-        p = sup.popen([sys.executable, "-c", "from gpufleet._executor_worker import main; main()", str(r1), str(w2)],
-                      extra_env, pass_fds=(r1, w2), stdin=subprocess.DEVNULL)
+        p = sup.popen([sys.executable, "-c", "from gpufleet._executor_worker import main; main()", str(theirs.fileno())],
+                      extra_env, pass_fds=(theirs.fileno(), *pass_fds), stdin=subprocess.DEVNULL)
+    except BaseException:
+        mine.close()
+        raise
     finally:
-        os.close(r1)
-        os.close(w2)
-    return p, Connection(w1, readable=False), Connection(r2, writable=False)
+        theirs.close()
+    return p, mine
 
 
 def describe_exit(code: Optional[int]) -> str:

@@ -51,7 +51,10 @@ def test_device_value_semantics():
     assert gpufleet.Device("cuda") != gpufleet.Device("cuda:0")
     assert gpufleet.Device("cuda").index is None
     assert gpufleet.Device("cuda:3").type == "cuda" and gpufleet.Device("cuda:3").index == 3
-    assert gpufleet.Device("cuda", 2) == gpufleet.Device("cuda:2") == "cuda:2"
+    assert gpufleet.Device("cuda", 2) == gpufleet.Device("cuda:2") and str(gpufleet.Device("cuda", 2)) == "cuda:2"
+    # equal to Devices only, as torch.device ("cuda:1" == torch.device("cuda:1") is False)
+    assert gpufleet.Device("cuda:2") != "cuda:2" and not gpufleet.Device("cuda:2") == "cuda:2"
+    assert gpufleet.Device("cuda", None) == gpufleet.Device("cuda")
     assert gpufleet.Device(2) == gpufleet.Device("cuda:2")
     assert repr(gpufleet.Device("cuda:2")) == "device(type='cuda', index=2)"
     assert repr(gpufleet.Device("cpu")) == "device(type='cpu')"
@@ -60,11 +63,12 @@ def test_device_value_semantics():
     assert gpufleet.Device("cpu") != 0 and gpufleet.Device("cpu") != "not a device"
 
 
-def test_device_accepts_torch_like_objects():
-    class TorchLikeDevice:
-        def __init__(self, type, index):
-            self.type, self.index = type, index
+class TorchLikeDevice:
+    def __init__(self, type, index):
+        self.type, self.index = type, index
 
+
+def test_device_accepts_torch_like_objects():
     assert gpufleet.Device(TorchLikeDevice("cuda", 1)) == gpufleet.Device("cuda:1")
     assert gpufleet.Device(TorchLikeDevice("cpu", None)) == gpufleet.Device("cpu")
     assert gpufleet.as_device(gpufleet.Device("cuda:4")) == gpufleet.Device("cuda:4")
@@ -81,6 +85,22 @@ def test_device_rejects_bad_indices():
         gpufleet.Device(-1)
     with pytest.raises(ValueError, match="already has an index"):
         gpufleet.Device("cuda:1", 2)
+
+
+@pytest.mark.parametrize("make", [lambda i: gpufleet.Device(i), lambda i: gpufleet.Device("cuda", i),
+                                  lambda i: gpufleet.Device(TorchLikeDevice("cuda", i))],
+                         ids=["int", "type-and-index", "torch-like"])
+def test_device_index_checks_are_the_same_on_every_path(make):
+    # torch: "Device index must not be negative"; -1 is not "no index" (that is None)
+    for bad in (-1, -(2**70)):
+        with pytest.raises(ValueError, match="Device index must not be negative"):
+            make(bad)
+    for big in (2**30, 2**31, 2**64 + 5):  # a ValueError naming it, never a failed pybind conversion
+        with pytest.raises(ValueError, match=f"invalid device index {big}"):
+            make(big)
+    with pytest.raises(TypeError, match="Device index must be an int or None"):
+        gpufleet.Device("cuda", True)
+    assert make(2**30 - 1).index == 2**30 - 1
 
 
 # ---- CUDA_VISIBLE_DEVICES (REFERENCE.md cases) ---------------------------------------------------

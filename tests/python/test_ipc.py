@@ -1,10 +1,9 @@
-"""The executor's message transport (Note [Out-of-band buffers] in python/gpufleet/_ipc.py) on a real
-pipe, then through real GPUExecutor workers."""
+"""The executor's transport (Note [Shared-memory arenas] in python/gpufleet/_ipc.py) on a real socket
+pair, then through real GPUExecutor workers."""
 from __future__ import annotations
 
 import copy
-import mmap
-import multiprocessing as mp
+import gc
 import os
 import threading
 
@@ -12,7 +11,7 @@ import numpy as np
 import pytest
 
 import gpufleet
-from gpufleet import _ipc
+from gpufleet import _ipc, _serialize
 
 
 def _backing(a):
@@ -27,61 +26,143 @@ def _backing(a):
         seen = nxt
 
 
-def _through(obj, directory=None, monkeypatch=None):
-    """Sends obj over a real pipe (a thread receives, so big in-band messages cannot block)."""
-    if directory is not None:
-        monkeypatch.setenv("GPUFLEET_IPC_DIR", str(directory))
-    r, w = mp.Pipe(duplex=False)
-    got = {}
-    t = threading.Thread(target=lambda: got.setdefault("msg", r.recv()))
-    t.start()
-    _ipc.send(w, obj, os.getpid())
-    t.join()
-    raw = got["msg"]
-    files = os.listdir(directory) if directory is not None and directory.exists() else None
-    out = raw.load() if type(raw) is _ipc.OutOfBand else raw
-    return raw, out, files
+class Pair:
+    """Two channels on a socket pair; ``echo`` runs a thread that sends back what it receives."""
+
+    def __init__(self):
+        a, b = _ipc.socketpair()
+        self.a, self.b = _ipc.Channel(a), _ipc.Channel(b)
+        self.thread = None
+
+    def echo(self):
+        def run():
+            while True:
+                header, payload = self.b.recv()
+                if header is None:
+                    return
+                obj = payload.load() if payload is not None else None
+                payload = None
+                self.b.send(("back", header), _serialize.dumps(obj))
+                obj = None
+
+        self.thread = threading.Thread(target=run, daemon=True)
+        self.thread.start()
+
+    def round_trip(self, obj, tag=0):
+        self.a.send(tag, _serialize.dumps(obj))
+        header, payload = self.a.recv()
+        assert header == ("back", tag)
+        return payload.load()
+
+    def close(self):
+        if self.thread is not None:
+            self.a.send(None)
+            self.thread.join()
+        self.a.close()
+        self.b.close()
 
 
-def test_large_buffers_go_through_a_file_that_the_receiver_removes(tmp_path, monkeypatch):
+def _fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_large_buffers_travel_in_shared_memory_and_arrive_as_writable_views():
+    before = set(os.listdir("/dev/shm"))
     rng = np.random.default_rng()
     big = rng.standard_normal((int(rng.integers(300, 700)), 257)).astype(np.float32)
     fortran = np.asfortranarray(rng.integers(0, 255, size=(641, 523), dtype=np.uint8))
     strided = big[::2]  # not contiguous: in band
     small = rng.standard_normal(17)
-    blob, data = bytearray(rng.bytes(_ipc.THRESHOLD + 3)), rng.bytes(_ipc.THRESHOLD)
+    blob, data = bytearray(rng.bytes(_serialize.THRESHOLD + 3)), rng.bytes(_serialize.THRESHOLD)
     msg = {"task": ("x", [big, fortran]), "strided": strided, "small": small, "blob": blob, "bytes": data,
-           "short": b"abc"}
-    raw, out, files = _through(msg, tmp_path, monkeypatch)
-    assert type(raw) is _ipc.OutOfBand and len(raw.places) == 2  # big, fortran (pickle keeps bytes in band)
-    assert len(files) == 1 and files[0].startswith(f"gpufleet-{os.getpid()}-")
-    assert os.listdir(tmp_path) == []  # unlinked by the receiver on load
+           "short": b"abc", "text": ["s" * 40] * 2000}  # the pickle alone is over INLINE_MAX: it goes too
+    p = Pair()
+    p.echo()
+    out = p.round_trip(msg)
     for a, b in [(out["task"][1][0], big), (out["task"][1][1], fortran), (out["strided"], strided),
                  (out["small"], small)]:
         np.testing.assert_array_equal(a, b)
         assert a.dtype == b.dtype
     assert out["task"][1][1].flags.f_contiguous and out["task"][1][0].flags.c_contiguous
     assert out["blob"] == blob and type(out["blob"]) is bytearray and out["bytes"] == data
-    assert type(out["bytes"]) is bytes and out["short"] == b"abc" and out["task"][0] == "x"
+    assert out["short"] == b"abc" and out["text"] == msg["text"]
     got = out["task"][1][0]
-    assert isinstance(_backing(got), mmap.mmap)
+    assert hasattr(_backing(got), "_unmap")  # a view of the arena (a mapping it owns): no copy on the way in
     assert got.flags.writeable
-    got *= 2  # copy-on-write: the sender's array and the file are untouched
+    got *= 2  # the region is ours until we free it
     np.testing.assert_array_equal(out["task"][1][0], big * 2)
     assert not np.shares_memory(got, big)
+    assert set(os.listdir("/dev/shm")) - before == set()  # memfd: nothing with a name
+    p.close()
 
 
-def test_small_messages_and_missing_shared_memory_go_in_band(tmp_path, monkeypatch):
-    raw, out, _ = _through(("ok", 1, np.arange(10)), tmp_path, monkeypatch)
-    assert type(raw) is tuple and out[0] == "ok"
-    big = np.random.default_rng().standard_normal(_ipc.THRESHOLD)  # 8x the threshold in bytes
-    raw, out, _ = _through(big, tmp_path / "missing", monkeypatch)
-    assert type(raw) is np.ndarray
-    np.testing.assert_array_equal(out, big)
+def test_regions_are_reused_when_freed_and_the_arena_grows_while_they_are_held():
+    p = Pair()
+    p.echo()
+    x = np.random.default_rng().standard_normal(1_000_000)  # 8 MB
+    for i in range(6):
+        np.testing.assert_array_equal(p.round_trip(x, i), x)
+        gc.collect()
+    # one segment each way, reused: each round trip released its regions
+    assert len(p.a.arena.segments) == 1 and len(p.b.arena.segments) == 1
+    held = [p.round_trip(x, 10 + i) for i in range(5)]  # results kept: their regions stay lent
+    assert sum(s.size for s in p.b.arena.segments.values()) >= 5 * x.nbytes
+    for h in held:
+        np.testing.assert_array_equal(h, x)
+    del held, h
+    gc.collect()
+    p.round_trip(np.zeros(3), 99)  # carries the releases; the fully free segments beyond KEEP_FREE go
+    p.round_trip(np.zeros(3), 100)
+    idle = [s for s in p.b.arena.segments.values() if not s.used]
+    assert len(idle) <= _ipc.KEEP_FREE
+    p.close()
 
 
-def test_executor_round_trips_big_arrays_and_leaves_no_file(sim_gpus, tmp_path, monkeypatch):
-    monkeypatch.setenv("GPUFLEET_IPC_DIR", str(tmp_path))  # the workers inherit it
+def test_descriptors_are_closed_once_mapped_and_views_outlive_the_channel():
+    p = Pair()
+    p.echo()
+    before = _fds()
+    x = np.arange(3_000_000, dtype=np.int64)
+    kept = [p.round_trip(x, i) for i in range(3)]
+    p.round_trip(0, 99)  # the echo thread has closed what it sent with the last one
+    assert _fds() == before  # segments came over SCM_RIGHTS, were mapped, and their fds closed
+    p.close()
+    for k in kept:  # the sender and its arena are gone; the mapping lives with the arrays
+        np.testing.assert_array_equal(k, x)
+
+
+def test_without_shared_memory_buffers_go_in_band():
+    p = Pair()
+    p.echo()
+    p.a.arena.broken = p.b.arena.broken = True
+    x = np.random.default_rng().standard_normal(_serialize.THRESHOLD)  # 8x the threshold in bytes
+    back = p.round_trip({"x": x, "y": [x[::3]]})
+    np.testing.assert_array_equal(back["x"], x)
+    assert not hasattr(_backing(back["x"]), "_unmap") and back["x"].flags.writeable
+    assert p.a.arena.segments == {} and p.b.arena.segments == {}
+    p.close()
+
+
+def test_a_payload_that_fails_to_unpickle_leaves_the_connection_working():
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent / "dispatch_helpers"))
+    import exec_funcs as F
+
+    p = Pair()
+    p.a.send(("call", 7), _serialize.dumps([np.ones(100_000), F.Unrebuildable("on purpose")]))
+    header, payload = p.b.recv()
+    assert header == ("call", 7)
+    with pytest.raises(ValueError, match="refusing to rebuild: on purpose"):
+        payload.load()
+    p.a.send("next")
+    assert p.b.recv() == ("next", None)
+    p.close()
+
+
+def test_executor_round_trips_nested_arrays_and_leaves_nothing(sim_gpus):
+    before = set(os.listdir("/dev/shm"))
     sim_gpus(2)
     rng = np.random.default_rng()
     arrays = [rng.standard_normal((int(rng.integers(200, 400)), 331)) for _ in range(5)]
@@ -93,27 +174,8 @@ def test_executor_round_trips_big_arrays_and_leaves_no_file(sim_gpus, tmp_path, 
         doubled = list(ex.map(np.multiply, arrays, [2.0] * 5))  # the worker writes into its own copy
         for d, a in zip(doubled, arrays):
             np.testing.assert_array_equal(d, a * 2)
-        before = arrays[3].copy()
+        before3 = arrays[3].copy()
         inplace = ex.submit(np.multiply, arrays[3], 3.0, out=arrays[3]).result()  # writes into the worker's copy
-        np.testing.assert_array_equal(inplace, before * 3)
-        np.testing.assert_array_equal(arrays[3], before)
-        assert os.listdir(tmp_path) == []
-        # a file left by a worker that died before reading it is removed at shutdown
-        (tmp_path / f"gpufleet-{os.getpid()}-1-0").write_bytes(b"stale")
-        (tmp_path / "gpufleet-1-1-0").write_bytes(b"someone else's")
-    assert os.listdir(tmp_path) == ["gpufleet-1-1-0"]
-
-
-def test_a_lost_file_is_a_load_error_not_a_broken_connection(tmp_path, monkeypatch):
-    monkeypatch.setenv("GPUFLEET_IPC_DIR", str(tmp_path))
-    r, w = mp.Pipe(duplex=False)
-    big = np.ones(_ipc.THRESHOLD, np.uint8)
-    t = threading.Thread(target=lambda: _ipc.send(w, big, os.getpid()))
-    t.start()
-    t.join()
-    for f in os.listdir(tmp_path):
-        os.unlink(tmp_path / f)  # removed before the receiver maps it
-    with pytest.raises(_ipc.LoadError, match="could not be read"):
-        _ipc.recv(r)
-    w.send("next")  # the connection still works
-    assert _ipc.recv(r) == "next"
+        np.testing.assert_array_equal(inplace, before3 * 3)
+        np.testing.assert_array_equal(arrays[3], before3)
+    assert set(os.listdir("/dev/shm")) - before == set()

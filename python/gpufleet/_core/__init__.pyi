@@ -18,7 +18,7 @@ class Device:
     """
     A device: 'cpu', 'cuda' (the current CUDA device) or 'cuda:N'.
     """
-    def __eq__(self, arg0: typing.Any) -> bool:
+    def __eq__(self, arg0: typing.Any) -> typing.Any:
         ...
     def __getstate__(self) -> str:
         ...
