@@ -6,10 +6,12 @@ interleaved (ts, gpufleet, ts, gpufleet, ...), each on a fresh queue.
 
 Modes: `api` submits with gpufleet.submit() (one connection per submitter process: how a script
 queues jobs), `cli` starts `gpufleet submit -- true` once per job, as `tsp true` is (a Python process
-per job: its start-up, not the queue, sets that figure). ts has only its command line.
+per job: its start-up, not the queue, sets that figure), `batch` gives each submitter's jobs to one
+`gpufleet submit -- true ::: 1 2 ...` (a job per input over one connection; its submit latency is that
+call's time divided by its jobs). ts has only its command line, one `tsp true` per job.
 
     PYTHONPATH=<build>/stage .venv/bin/python benchmarks/queue_bench.py [--jobs 10000] [--runs 3]
-        [--modes api,cli] [--cli-jobs 2000]
+        [--modes api,cli,batch] [--cli-jobs 2000]
 """
 from __future__ import annotations
 
@@ -30,11 +32,21 @@ SLOTS = 4
 _SUBMITTER = textwrap.dedent("""
     import json, os, subprocess, sys, time
     mode, n, start = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+    gf = [sys.executable, "-c", "import sys; from gpufleet.cli import main; sys.exit(main())"]  # the script
+    if mode == "batch":
+        while not os.path.exists(start):
+            time.sleep(0.0005)
+        t_first = time.time()
+        t0 = time.perf_counter()
+        out = subprocess.run(gf + ["submit", "--", "true", ":::", *map(str, range(n))], stdout=subprocess.PIPE,
+                             check=True).stdout.split()
+        assert len(out) == n, (len(out), n)
+        print(json.dumps({"first": t_first, "lat": [(time.perf_counter() - t0) / n] * n, "last": int(out[-1])}))
+        sys.exit(0)
     if mode == "api":
         import gpufleet.queue as q
         submit = lambda: q.submit(["true"]).id
     else:
-        gf = [sys.executable, "-c", "import sys; from gpufleet.cli import main; sys.exit(main())"]  # the script
         argv = ["tsp", "true"] if mode == "ts" else gf + ["submit", "--", "true"]
         submit = lambda: int(subprocess.run(argv, stdout=subprocess.PIPE, check=True).stdout)
     while not os.path.exists(start):
@@ -144,7 +156,7 @@ def main() -> int:
     rows = []
     for run in range(args.runs):
         for mode in modes:
-            n = args.jobs if mode == "api" else args.cli_jobs
+            n = args.cli_jobs if mode == "cli" else args.jobs
             pair = [summary(run_ts(n, env)), summary(run_gpufleet(mode, n, env))]
             pair[1]["ratio"] = pair[1]["jobs_per_s"] / pair[0]["jobs_per_s"]
             for s in pair:

@@ -265,3 +265,42 @@ def test_a_script_keeps_submitting_across_a_daemon_restart(api_queue):
     api_queue.gf("queue", "start", check=True)  # the script's connection is to the old daemon
     second = gpufleet.submit(["true"])
     assert second.id == first.id + 1 and second.wait() == 0
+
+
+def test_submit_with_input_sources_queues_a_job_per_input_expanded_as_run_expands_them(queue, tmp_path):
+    names = tmp_path / "names"
+    names.write_text("b c.tar.gz\nd/e.txt\n")
+    script = 'printf "%s|" "$@" > "$0"'
+    template = ["sh", "-c", script, "{output}", "{1}", "{2//}", "{2/.}", "{#}"]
+    sources = [":::", "x y", "z", "::::", names]
+    queued, ran = tmp_path / "queued", tmp_path / "ran"
+    queued.mkdir(), ran.mkdir()
+    r = queue.gf("submit", "--output", "queued/{#}-{2/.}.txt", "--name", "job {1}", "--", *template, *sources,
+                 cwd=tmp_path, check=True)
+    ids = [int(x) for x in r.stdout.split()]
+    assert len(ids) == 4 and ids == list(range(ids[0], ids[0] + 4))  # one job per crossed row, in order
+    assert queue.gf("wait", *ids).returncode == 0
+    queue.gf("run", "--quiet", "--output", "ran/{#}-{2/.}.txt", "--", *template, *sources, cwd=tmp_path, check=True)
+    got = {p.name: p.read_text() for p in queued.iterdir()}
+    assert got == {p.name: p.read_text() for p in ran.iterdir()}  # the same commands as `gpufleet run` runs
+    assert got["1-b c.tar.txt"].split("|") == ["x y", ".", "b c.tar", "1", ""]
+    assert got["4-e.txt"].split("|") == ["z", "d", "e", "4", ""]
+    assert [queue.job(j)["name"] for j in ids] == ["job x y", "job x y", "job z", "job z"]
+    for argv in (["--output", "o.txt", "--", "cp", "{}", "{output}", ":::", "a", "b"],  # both write o.txt
+                 ["--", "echo", "{%}", ":::", "a"], ["--", "echo", "{3}", ":::", "a", ":::", "b"],
+                 ["--", "echo", "{}", "::::", tmp_path / "missing", ":::", "a"], ["--", ":::", "a"]):
+        r = queue.gf("submit", *argv, cwd=tmp_path)
+        assert r.returncode == 2 and r.stdout == "" and r.stderr.startswith("gpufleet submit: "), (argv, r)
+    assert "both write 'o.txt'" in queue.gf("submit", "--output", "o.txt", "--", "cp", "{}", "{output}", ":::", "a",
+                                            "b", cwd=tmp_path).stderr
+    assert sorted(j["id"] for j in queue.ls()) == ids  # the refused submits queued nothing
+
+
+def test_submit_shell_lines_from_a_file_as_simple_gpu_scheduler_reads_them(queue, tmp_path):
+    jobs = tmp_path / "jobs.txt"
+    jobs.write_text("echo 'a b' > one && echo $CUDA_VISIBLE_DEVICES >> one\nexit 4\n")
+    ids = [int(x) for x in queue.gf("submit", "--shell", "--", "{}", "::::", jobs, cwd=tmp_path,
+                                    check=True).stdout.split()]
+    assert [queue.gf("wait", j).returncode for j in ids] == [0, 4]
+    first, gpu = (tmp_path / "one").read_text().splitlines()
+    assert first == "a b" and gpu == queue.job(ids[0])["devices"][0][5:]

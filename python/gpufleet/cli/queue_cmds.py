@@ -27,7 +27,12 @@ _SUBMIT_DOC = """Queue CMD ARGS... and print its job id. The first submit starts
 user: it outlives this shell); the job runs with this shell's environment and directory, on a GPU
 of the queue's pool chosen when a slot (and, with --min-free-memory, the memory) is free.
 Higher --priority starts first; --after waits for jobs that must succeed (if one does not, this job
-ends as dependency_failed). Each word of CMD stays one argument (no shell unless --shell)."""
+ends as dependency_failed). Each word of CMD stays one argument (no shell unless --shell).
+
+Many jobs at once, over one connection: CMD followed by GNU parallel's input sources (::: values,
+:::: files, :::+ / ::::+ linked) queues one job per input, its placeholders ({} {.} {/} {//} {/.} {#}
+{n} ...) expanded as `gpufleet run` expands them, in --output and --name too; one id a line. Every
+input is read and checked before the first job is queued."""
 
 
 def _group_option(p: argparse.ArgumentParser) -> None:
@@ -131,27 +136,83 @@ def cmd_submit(args) -> int:
         words = words[1:]
     if not words:
         return _fail("submit", "no command: gpufleet submit [options] -- CMD ARGS...")
-    if args.shell and len(words) != 1:
-        words = [" ".join(words)]
-    if args.output and not any("{output" in w for w in words):
-        return _fail("submit", "--output is given but the command never uses {output} (the temporary name it must "
-                               "write, renamed to the output when the job succeeds)")
     env = {}
     for item in args.env:
         name, eq, value = item.partition("=")
         if not eq or not name:
             return _fail("submit", f"--env {item!r}: expected NAME=VALUE")
         env[name] = value
+    if any(w in _SEPARATORS for w in words):
+        return _submit_each(args, words, env)
+    if args.shell and len(words) != 1:
+        words = [" ".join(words)]
+    if args.output and not any("{output" in w for w in words):
+        return _fail("submit", "--output is given but the command never uses {output} (the temporary name it must "
+                               "write, renamed to the output when the job succeeds)")
     try:
-        msg = _client.job_message(words[0] if args.shell else words, gpus=args.gpus,
-                                  min_free_memory=args.min_free_memory, timeout=args.timeout, retries=args.retries,
-                                  outputs=args.output, cwd=args.cwd, env=env, after=_ids(args.after),
-                                  after_previous=args.after_previous, priority=args.priority, name=args.name,
-                                  shell=args.shell)
-        reply = _client.request("submit", args.group, autostart=True, **msg)
+        reply = _client.request("submit", args.group, autostart=True,
+                                **_job(args, words[0] if args.shell else words, args.output, args.name, env))
     except QueueError as e:
         return _fail("submit", str(e), 1)
     print(reply["id"])
+    return 0
+
+
+_SEPARATORS = (":::", ":::+", "::::", "::::+")  # cli/inputs.py's, without importing it for a single job
+
+
+def _job(args, cmd, outputs, name, env) -> dict:
+    return _client.job_message(cmd, gpus=args.gpus, min_free_memory=args.min_free_memory, timeout=args.timeout,
+                               retries=args.retries, outputs=outputs, cwd=args.cwd, env=env, after=_ids(args.after),
+                               after_previous=args.after_previous, priority=args.priority, name=name,
+                               shell=args.shell)
+
+
+def _submit_each(args, words: list, env: dict) -> int:
+    """One job per input row (GNU parallel's sources and placeholders, as `gpufleet run` reads them),
+    all checked before the first is queued, then sent over one connection."""
+    from .. import _dispatch_template as tpl
+    from . import inputs as _inputs
+
+    try:
+        template, sources = _inputs.split_command(words)
+        if not template:
+            raise ValueError("no command before the input sources: gpufleet submit [options] -- CMD ARGS ::: VALUES")
+        if not sources:
+            raise ValueError(f"{words[-1]} ends the command with no values after it")
+        templates = template + args.output + ([args.name] if args.name else [])
+        tpl.check_template(templates)
+        if any("{%}" in w for w in templates):
+            raise ValueError("{%} (the job slot) is only known to `gpufleet run`; a queued job is not in a slot "
+                             "group: use {#}, or $CUDA_VISIBLE_DEVICES in the job")
+        used = tpl.max_input_index(templates)
+        if used > len(sources):
+            raise ValueError(f"the command uses {{{used}}} but there {'is' if len(sources) == 1 else 'are'} "
+                             f"{len(sources)} input source{'s' if len(sources) != 1 else ''}")
+        if args.output and not any("{output" in w for w in template):
+            raise ValueError("--output is given but the command never uses {output} (the temporary name it must "
+                             "write, renamed to the output when the job succeeds)")
+        jobs, claimed = [], {}
+        for seq1, row in enumerate(_inputs.Inputs(sources).rows(), 1):
+            cmd = tpl.expand_command(template, row, seq1, "{output}", shell=args.shell)
+            outputs = [tpl.expand(o, row, seq1, None) for o in args.output]
+            for o in outputs:
+                path = os.path.abspath(os.path.join(args.cwd or "", o))
+                if path in claimed:
+                    raise ValueError(f"jobs {claimed[path]} and {seq1} of this submit both write {o!r}: give each "
+                                     "input its own --output (with {}, {#} ...)")
+                claimed[path] = seq1
+            name = tpl.expand(args.name, row, seq1, None) if args.name else None
+            jobs.append(_job(args, cmd, outputs, name, env))
+    except (ValueError, OSError) as e:
+        return _fail("submit", str(e))
+    for k, msg in enumerate(jobs):
+        try:
+            reply = _client.request("submit", args.group, autostart=True, **msg)
+        except QueueError as e:
+            done = f"the first {k} of {len(jobs)} jobs are queued (their ids above); " if k else ""
+            return _fail("submit", f"{done}job {k + 1}: {e}", 1)
+        print(reply["id"], flush=k == len(jobs) - 1)
     return 0
 
 
