@@ -72,7 +72,9 @@ void Dispatcher::Impl::start(Pending& p, const std::vector<int>& ds, const std::
   }
   ls.env.push_back("CUDA_VISIBLE_DEVICES=" + cvd);
   ls.env.push_back("CUDA_DEVICE_ORDER=PCI_BUS_ID");
-  ls.env.push_back(fmt::format("GPUFLEET_TASK_ID={}", t.seq));
+  // The task's number as every view shows it: {#}, the log file's, the summary's and the joblog's
+  // (1-based, GNU parallel's $PARALLEL_SEQ); seq is the 0-based position in the input.
+  ls.env.push_back(fmt::format("GPUFLEET_TASK_ID={}", t.seq + 1));
   ls.env.push_back("GPUFLEET_TASK_NAME=" + t.name);
   ls.env.push_back("GPUFLEET_DEVICE=" + device_names(ds));
   ls.env.push_back(fmt::format("GPUFLEET_SLOT={}", slots.empty() ? 0 : slots[0]));

@@ -265,7 +265,7 @@ def _real(tmp_path, args: list[str], stdin: bytes = b"") -> list[list[str]]:
     out = tmp_path / "out"
     out.mkdir(exist_ok=True)
     prog = tmp_path / "dumpf"
-    prog.write_text('#!/bin/sh\nprintf \'%s\\0\' "$#" "$@" > "$OUT/$((GPUFLEET_TASK_ID + 1))"\n')
+    prog.write_text('#!/bin/sh\nprintf \'%s\\0\' "$#" "$@" > "$OUT/$GPUFLEET_TASK_ID"\n')
     prog.chmod(0o755)
     env = dict(os.environ, OUT=str(out), GPUFLEET_SIMULATED_GPUS="2",
                PYTHONPATH=os.path.dirname(os.path.dirname(gpufleet.__file__)))

@@ -143,14 +143,14 @@ def test_keep_order_prints_each_tasks_output_in_input_order(tmp_path):
         assert p.stdout == "".join(ln + ("" if ln.startswith("second") else "\n") for ln in ours)
 
 
-def test_one_numbering_for_summary_joblog_and_log_files(tmp_path):
+def test_one_numbering_for_summary_joblog_log_files_and_the_task_id_variable(tmp_path):
     r = _cli("--gpus", "0", "--log-dir", str(tmp_path / "logs"), "--joblog", str(tmp_path / "jl"), "--", "sh", "-c",
-             'echo "output of $1"; [ "$1" != c ]', "_", ":::", "a", "b", "c", "d")
+             'echo "output of $1 ($GPUFLEET_TASK_ID $2)"; [ "$1" != c ]', "_", "{}", "{#}", ":::", "a", "b", "c", "d")
     assert r.returncode == 1
     m = re.search(r"FAILED #(\d+) 'c': .*\(log: (.*)\)", r.stderr)
     assert m and m.group(1) == "3", r.stderr
     log = Path(m.group(2))
-    assert log.name == "task-3.attempt-1.log" and log.read_text() == "output of c\n"
+    assert log.name == "task-3.attempt-1.log" and log.read_text() == "output of c (3 3)\n"  # GPUFLEET_TASK_ID is {#}
     run_id = re.search(r"gpufleet run (\w+):", r.stderr).group(1)
     assert log.parent == tmp_path / "logs" / run_id
     assert {x[0]: x[6] for x in _joblog_rows(tmp_path / "jl")}["3"] == "1"
