@@ -342,7 +342,8 @@ class AttemptRecord:
 
 
 class RunReport:
-    """The outcome of ``gpufleet.run``: per task (``tasks``), per attempt (``attempts``), per device
+    """The outcome of ``gpufleet.run``: per task (``tasks``, in input order: ``tasks[i]`` is the i-th
+    task when every task is recorded), per attempt (``attempts``, as they ended), per device
     (``devices``: busy fraction, tasks, failures) and totals; ``summary()``, ``to_chrome_trace(path)``,
     ``plot_timeline(path)``. Beyond ``max_records`` tasks only totals are kept (``records_truncated``)."""
 
@@ -739,6 +740,7 @@ def run(tasks: Iterable[Union[Task, Sequence[str]]], devices: Any = "auto", slot
     report.quarantined = [f"cuda:{pool[i].ordinal}" for i in totals["quarantined"]]
     if report.attempts:
         report.started = min(report.started, min(a.start for a in report.attempts))
+    report.tasks.sort(key=lambda t: t.seq)  # input order, as Executor.map and ray.get give results
     if check and not report.ok:
         raise RuntimeError(report.summary())
     return report

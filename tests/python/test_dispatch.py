@@ -54,6 +54,7 @@ def test_each_task_sees_its_gpu_and_slots_are_never_exceeded(sim_gpus, tmp_path)
              for _ in range(n)]
     report = gpufleet.run(tasks, slots_per_device=2, quiet=True)
     assert report.ok and report.succeeded == n
+    assert [t.seq for t in report.tasks] == list(range(n))  # input order, whatever order they ended in
     recs = _intervals(tmp_path)
     assert len(recs) == n
     for cvd, dev, slot, _, _ in recs:
