@@ -24,7 +24,7 @@ case "$flavour" in
                  "-DCMAKE_CXX_FLAGS_RELWITHDEBINFO=-O1 -g1") ;;
   tsan)   flags=(-DGPUFLEET_CUDA=OFF -DGPUFLEET_BUILD_TESTS=ON -DGPUFLEET_BUILD_PYTHON=OFF
                  -DGPUFLEET_TSAN=ON -DCMAKE_BUILD_TYPE=RelWithDebInfo "-DCMAKE_CXX_FLAGS_RELWITHDEBINFO=-O1 -g1")
-          targets=(--target test_dispatch test_pipeline) ;;
+          targets=(--target test_dispatch test_dispatch_queue test_pipeline) ;;
   # fuzz: libFuzzer targets of the parsers (tests/fuzz), clang with ASan + UBSan
   fuzz)   export CC=${FUZZ_CC:-clang} CXX=${FUZZ_CXX:-clang++}
           flags=(-DGPUFLEET_CUDA=OFF -DGPUFLEET_FUZZ=ON -DGPUFLEET_BUILD_PYTHON=OFF -DCMAKE_BUILD_TYPE=RelWithDebInfo

@@ -7,6 +7,7 @@
 
 #include "bindings/bindings.h"
 #include "common/error.h"
+#include "dispatch/journal.h"
 #include "dispatch/pool.h"
 #include "dispatch/process.h"
 #include "dispatch/scheduler.h"
@@ -39,7 +40,7 @@ const char* kind_name(EventKind k) {
 
 struct PyDispatcher {
   std::unique_ptr<Dispatcher> d;  // dropped when run() returns (see "run" below)
-  std::string run_id;
+  std::string run_id, marker;
 };
 
 // Names, paths and argv words are bytes on Linux. The Python layer passes them as bytes
@@ -62,7 +63,7 @@ void bind_dispatch(py::module_& m) {
       .def(py::init([](std::int64_t seq, std::string key, std::string name, std::vector<std::string> argv,
                        std::vector<std::pair<std::string, std::string>> env, std::string cwd,
                        std::vector<std::pair<std::string, std::string>> outputs, int gpus,
-                       std::uint64_t min_free_memory, double timeout, int retries, int affinity) {
+                       std::uint64_t min_free_memory, double timeout, int retries, int affinity, int first_attempt) {
              TaskSpec t;
              t.seq = seq;
              t.key = std::move(key);
@@ -76,11 +77,12 @@ void bind_dispatch(py::module_& m) {
              t.timeout_s = timeout;
              t.retries = retries;
              t.affinity = affinity;
+             t.first_attempt = first_attempt;
              return t;
            }),
            py::arg("seq"), py::arg("key"), py::arg("name"), py::arg("argv"), py::arg("env"), py::arg("cwd"),
            py::arg("outputs"), py::arg("gpus"), py::arg("min_free_memory"), py::arg("timeout"), py::arg("retries"),
-           py::arg("affinity"))
+           py::arg("affinity"), py::arg("first_attempt") = 1)
       .def_readonly("seq", &TaskSpec::seq)
       .def_property_readonly("name", [](const TaskSpec& t) { return fs_str(t.name); })
       .def_property_readonly("argv", [](const TaskSpec& t) {
@@ -118,7 +120,7 @@ void bind_dispatch(py::module_& m) {
                        double kill_grace, double retry_backoff, const std::string& output, std::string log_dir,
                        std::string journal, bool resume, bool skip_existing, std::size_t lookahead,
                        double memory_poll, double event_interval, std::string description, py::function pull,
-                       py::function on_events, int wake_fd, py::object memory) {
+                       py::function on_events, int wake_fd, py::object memory, bool keep_open) {
              DispatchOptions o;
              o.devices = make_pool(ordinals);
              o.slots_per_device = slots_per_device;
@@ -135,6 +137,7 @@ void bind_dispatch(py::module_& m) {
              o.memory_poll_s = memory_poll;
              o.event_interval_s = event_interval;
              o.description = std::move(description);
+             o.keep_open = keep_open;
              auto self = std::make_unique<PyDispatcher>();
              PyDispatcher* raw = self.get();
              DispatchHooks h;
@@ -172,13 +175,14 @@ void bind_dispatch(py::module_& m) {
              h.wake_fd = wake_fd;
              self->d = std::make_unique<Dispatcher>(std::move(o), std::move(h));
              self->run_id = self->d->run_id();
+             self->marker = self->d->marker();
              return self;
            }),
            py::arg("devices"), py::arg("slots_per_device"), py::arg("cpu_slots"), py::arg("quarantine_after"),
            py::arg("kill_grace"), py::arg("retry_backoff"), py::arg("output"), py::arg("log_dir"), py::arg("journal"),
            py::arg("resume"), py::arg("skip_existing"), py::arg("lookahead"), py::arg("memory_poll"),
            py::arg("event_interval"), py::arg("description"), py::arg("pull"), py::arg("on_events"),
-           py::arg("wake_fd") = -1, py::arg("memory") = py::none())
+           py::arg("wake_fd") = -1, py::arg("memory") = py::none(), py::arg("keep_open") = false)
       .def("run",
            [](PyDispatcher& self) {
              if (!self.d) throw std::logic_error("a Dispatcher runs once");
@@ -210,7 +214,13 @@ void bind_dispatch(py::module_& m) {
       .def("interrupt", [](PyDispatcher& self) { if (self.d) self.d->interrupt(); })
       .def("drain", [](PyDispatcher& self) { if (self.d) self.d->drain(); })
       .def("cancel", [](PyDispatcher& self) { if (self.d) self.d->cancel(); })
-      .def_property_readonly("run_id", [](PyDispatcher& self) { return self.run_id; });
+      // Note [Open input] in dispatch/scheduler.cpp: the queue daemon's hooks (thread-safe, any thread)
+      .def("notify_input", [](PyDispatcher& self) { if (self.d) self.d->notify_input(); })
+      .def("close_input", [](PyDispatcher& self) { if (self.d) self.d->close_input(); })
+      .def("cancel_task", [](PyDispatcher& self, std::int64_t seq) { if (self.d) self.d->cancel_task(seq); },
+           py::arg("seq"))
+      .def_property_readonly("run_id", [](PyDispatcher& self) { return self.run_id; })
+      .def_property_readonly("marker", [](PyDispatcher& self) { return self.marker; });
 
   // The executor and spawn launcher own their processes in Python (multiprocessing) but share the
   // same reaper: see Note [No process outlives the dispatcher] in dispatch/supervisor.cpp.
@@ -226,6 +236,8 @@ void bind_dispatch(py::module_& m) {
       .def_property_readonly("pidfd", &Supervisor::pidfd)
       .def_property_readonly("pid", &Supervisor::pid)
       .def_property_readonly("marker", &Supervisor::marker);
+  // Creates (or checks) a journal file without a run: the queue daemon adds its own tables beside it.
+  m.def("init_journal", [](const std::string& path) { Journal j(path); }, py::arg("path"));
   m.def("random_token", &random_token);
   m.def("kill_marked_processes", &kill_marked_processes, py::arg("marker"), py::arg("signal"));
 }

@@ -23,7 +23,10 @@ void Dispatcher::Impl::pull_more() {
   }
   std::vector<TaskSpec> got = hooks.pull(want);
   if (got.empty()) {
-    source_done = true;
+    // Note [Open input]: input_closed is read after the pull, so a close_input() that raced with it
+    // leaves input_ready set and the next iteration asks once more.
+    if (opt.keep_open && !input_closed.load()) input_idle = true;
+    else source_done = true;
     return;
   }
   for (auto& t : got) accept(std::move(t));
@@ -73,7 +76,12 @@ void Dispatcher::Impl::accept(TaskSpec t) {
     finish_unstarted(t, TaskStatus::Skipped, "its outputs exist");
     return;
   }
+  if (t.first_attempt < 1) {
+    finish_unstarted(t, TaskStatus::Failed, fmt::format("first_attempt must be >= 1, got {}", t.first_attempt));
+    return;
+  }
   Pending p;
+  p.attempt = t.first_attempt;
   p.spec = std::move(t);
   queue.push_back(std::move(p));
 }
@@ -90,15 +98,29 @@ void Dispatcher::Impl::accept(TaskSpec t) {
 // - at rename time (completion.cpp) a final name that already holds a file this run produced (same
 //   device and inode) fails the task instead of replacing that file: spellings the canonical path
 //   cannot see (a symlink created during the run, a hard-linked directory tree) are still caught.
-std::int64_t Dispatcher::Impl::claim_output(const std::string& final_path, std::int64_t seq) {
+namespace {
+PathKey path_key(const std::string& final_path) {
   std::error_code ec;
   std::string canon = std::filesystem::weakly_canonical(final_path, ec).string();
   if (ec) canon = std::filesystem::path(final_path).lexically_normal().string();
   std::uint64_t fnv = 1469598103934665603ULL;
   for (unsigned char c : canon) fnv = (fnv ^ c) * 1099511628211ULL;
-  const PathKey key{std::hash<std::string>{}(canon), fnv};
-  auto [it, inserted] = output_claims.emplace(key, seq);
+  return PathKey{std::hash<std::string>{}(canon), fnv};
+}
+}  // namespace
+
+std::int64_t Dispatcher::Impl::claim_output(const std::string& final_path, std::int64_t seq) {
+  auto [it, inserted] = output_claims.emplace(path_key(final_path), seq);
   return inserted || it->second == seq ? -1 : it->second;
+}
+
+// Note [Open input]: only an open run lets claims go (a run's claims otherwise last the run).
+void Dispatcher::Impl::release_outputs(const TaskSpec& t) {
+  if (!opt.keep_open) return;
+  for (const auto& o : t.outputs) {
+    auto it = output_claims.find(path_key(o.final_path));
+    if (it != output_claims.end() && it->second == t.seq) output_claims.erase(it);
+  }
 }
 
 // Whether every declared output of `t` exists and was last written after `start` (Unix seconds):
@@ -257,6 +279,13 @@ void Dispatcher::Impl::schedule(double now) {
         bool healthy = false;
         for (const auto& d : devs)
           if (!d.quarantined) healthy = true;
+        if (!healthy && opt.keep_open) {  // Note [Open input]: wait, do not burn the queue
+          if (!quarantine_wait_warned)
+            message("every GPU of the pool is quarantined: GPU tasks wait until the dispatcher is restarted");
+          quarantine_wait_warned = true;
+          ++it;
+          continue;
+        }
         if (!healthy) {
           finish_unstarted(p.spec, TaskStatus::Failed, "every device of the pool is quarantined");
           it = queue.erase(it);

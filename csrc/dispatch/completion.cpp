@@ -61,7 +61,7 @@ void Dispatcher::Impl::finish(std::list<Running>::iterator it, ExitStatus st, st
                           o.final_path, o.temp_path);
         break;
       }
-    if (status == TaskStatus::Succeeded)  // Note [Output collisions] in admission.cpp: the last check
+    if (status == TaskStatus::Succeeded && !opt.keep_open)  // Note [Output collisions]: the last check
       for (const auto& o : r.spec.outputs) {
         struct stat st;
         if (::stat(o.final_path.c_str(), &st) == 0 && produced.count({st.st_dev, st.st_ino})) {
@@ -80,7 +80,7 @@ void Dispatcher::Impl::finish(std::list<Running>::iterator it, ExitStatus st, st
           break;
         }
         struct stat st;
-        if (::stat(o.final_path.c_str(), &st) == 0) produced.insert({st.st_dev, st.st_ino});
+        if (!opt.keep_open && ::stat(o.final_path.c_str(), &st) == 0) produced.insert({st.st_dev, st.st_ino});
       }
   }
   if (status != TaskStatus::Succeeded)
@@ -105,7 +105,7 @@ void Dispatcher::Impl::finish(std::list<Running>::iterator it, ExitStatus st, st
   if (r.devices.empty() && !r.slots.empty()) cpu_busy[r.slots[0]] = false;
 
   const bool retry = status != TaskStatus::Succeeded && status != TaskStatus::Cancelled &&
-                     r.attempt <= r.spec.retries && !stopping();
+                     r.attempt - r.spec.first_attempt < r.spec.retries && !stopping();
   TaskEvent e;
   e.kind = EventKind::Finished;
   e.seq = r.spec.seq;
@@ -127,6 +127,7 @@ void Dispatcher::Impl::finish(std::list<Running>::iterator it, ExitStatus st, st
   if (!retry) {
     if (status == TaskStatus::Succeeded) ++totals.succeeded;
     else ++totals.failed;
+    release_outputs(r.spec);
   } else {
     Pending p;
     p.spec = std::move(r.spec);

@@ -100,10 +100,52 @@ void Dispatcher::Impl::finish_unstarted(const TaskSpec& t, TaskStatus status, co
     ++totals.failed;
     if (journal) journal->record_finish(t, e, "", run_id);
   }
+  if (status != TaskStatus::NotStarted) release_outputs(t);
   events.push_back(std::move(e));
 }
 
+// Note [Open input]
+// ~~~~~~~~~~~~~~~~~
+// A run's input normally ends with the first empty pull. A queue that outlives its shell (the
+// `gpufleet submit` daemon, python/gpufleet/queue/daemon.py) runs one dispatcher for as long as it
+// lives instead, so that admission, quarantine, slots, the supervisor and the journal apply to jobs
+// submitted at any time. With keep_open:
+// - an empty pull means "nothing now": the loop stops pulling (no busy loop) until notify_input(),
+//   which the host calls when a job is submitted or becomes ready, or until close_input(), after
+//   which an empty pull ends the input as usual;
+// - cancel_task(seq) stops one task (the kill sequence, or its removal from the queue) without
+//   touching the others; its Finished event says Cancelled;
+// - the claims of Note [Output collisions] last as long as their task, not the run: a job submitted
+//   tomorrow may write the file a finished job wrote today (the rename-time check against files this
+//   run produced is off for the same reason; concurrent claims still refuse two jobs writing one file);
+// - when every GPU is quarantined, GPU tasks wait (said once in a message) instead of failing: a
+//   queue must not burn its backlog on a broken machine; restarting the host's dispatcher clears
+//   quarantine.
+void Dispatcher::Impl::cancel_tasks(double now) {
+  std::vector<std::int64_t> seqs;
+  {
+    std::lock_guard<std::mutex> lk(cancel_mu);
+    seqs.swap(cancel_seqs);
+  }
+  for (std::int64_t seq : seqs) {
+    for (auto& r : running)
+      if (r.spec.seq == seq && !r.cancelled) {
+        r.cancelled = true;  // a task still being launched is stopped by complete_start()
+        stop_task(r, now);
+      }
+    for (auto it = queue.begin(); it != queue.end();) {
+      if (it->spec.seq != seq) {
+        ++it;
+        continue;
+      }
+      finish_unstarted(it->spec, TaskStatus::Cancelled, "cancelled before it started");
+      it = queue.erase(it);
+    }
+  }
+}
+
 void Dispatcher::Impl::handle_requests(double now) {
+  cancel_tasks(now);
   if (cancel_req.load() && !cancel_seen) {
     cancel_seen = drain_seen = true;
     totals.cancelled = true;
@@ -235,7 +277,8 @@ void Dispatcher::Impl::loop() {
   for (;;) {
     double now = mono();
     handle_requests(now);
-    if (!stopping() && !source_done && queue.size() <= opt.lookahead / 2) pull_more();
+    if (input_ready.exchange(false)) input_idle = false;
+    if (wants_input()) pull_more();
     if (!stopping()) schedule(now);
     collect_launches(false, false);  // starts that failed before reaching the launcher (PATH search)
     if (running.empty()) {
@@ -250,8 +293,8 @@ void Dispatcher::Impl::loop() {
       }
       if (source_done && queue.empty()) break;
     }
-    // timers
-    double timeout = 0.05;
+    // timers (an open run with nothing to do sleeps longer: notify_input() and the hooks wake it)
+    double timeout = input_idle && running.empty() && queue.empty() ? 0.5 : 0.05;
     bool waiting_memory = false;
     for (const auto& p : queue) {
       if (p.not_before > now) timeout = std::min(timeout, p.not_before - now);
@@ -282,7 +325,7 @@ void Dispatcher::Impl::loop() {
       }
     }
     if (no_pidfd) timeout = std::min(timeout, 0.005);
-    if (!stopping() && !source_done && queue.size() <= opt.lookahead / 2) timeout = 0;  // more input to pull
+    if (wants_input()) timeout = 0;  // more input to pull
     int ms = static_cast<int>(std::ceil(timeout * 1000));
     int n = ::poll(fds.data(), fds.size(), ms);
     if (n < 0 && errno != EINTR) throw std::runtime_error(fmt::format("poll: {}", std::strerror(errno)));
@@ -352,6 +395,22 @@ void Dispatcher::cancel() {
   impl_->cancel_req = true;
   impl_->poke();
 }
+void Dispatcher::notify_input() {
+  impl_->input_ready = true;
+  impl_->poke();
+}
+void Dispatcher::close_input() {
+  impl_->input_closed = true;
+  notify_input();
+}
+void Dispatcher::cancel_task(std::int64_t seq) {
+  {
+    std::lock_guard<std::mutex> lk(impl_->cancel_mu);
+    impl_->cancel_seqs.push_back(seq);
+  }
+  impl_->poke();
+}
 const std::string& Dispatcher::run_id() const { return impl_->run_id; }
+const std::string& Dispatcher::marker() const { return impl_->marker; }
 
 }  // namespace gpufleet::dispatch

@@ -31,6 +31,9 @@ struct DispatchOptions {
   double event_interval_s = 0.1;     ///< how often events are handed to on_events
   int launch_threads = 0;            ///< threads that spawn children (Note [Launcher threads]); 0: min(slots, cores in [4, 16])
   std::string description;           ///< recorded in the journal's runs table
+  /// Note [Open input] in scheduler.cpp: an empty pull means "nothing now", not the end of the input;
+  /// the run goes on until close_input() (or a drain / cancel). For a long-lived queue.
+  bool keep_open = false;
 };
 
 /// Free and total memory of one pool device (nullopt: unknown).
@@ -74,7 +77,19 @@ class Dispatcher {
   void drain();
   void cancel();
 
+  /// Note [Open input]: with keep_open, says that pull may have more tasks now (the loop asks again),
+  /// and ends the input (close_input: the run ends once its tasks are done). Thread-safe.
+  void notify_input();
+  void close_input();
+  /// The kill sequence for one task (running, or being launched), or its removal from the queue when
+  /// it has not started (a pending retry included): its Finished event has the status Cancelled. A
+  /// task that is not in the run (finished, never pulled) is left alone. Thread-safe.
+  void cancel_task(std::int64_t seq);
+
   const std::string& run_id() const;
+  /// The "GPUFLEET_RUN_ID=<token>" entry every task of the run carries (Note [No process outlives the
+  /// dispatcher]): whoever outlives this dispatcher can find the run's processes with it.
+  const std::string& marker() const;
 
  private:
   struct Impl;

@@ -13,6 +13,7 @@
 #include <deque>
 #include <list>
 #include <memory>
+#include <mutex>
 #include <set>
 #include <string>
 #include <unordered_map>
@@ -105,6 +106,12 @@ struct Dispatcher::Impl {
   std::atomic<bool> drain_req{false}, cancel_req{false};
   bool drain_seen = false, cancel_seen = false;
   int wake[2] = {-1, -1};
+  // Note [Open input]
+  std::atomic<bool> input_ready{false}, input_closed{false};
+  bool input_idle = false;            // the last pull was empty and nothing said there is more since
+  bool quarantine_wait_warned = false;
+  std::mutex cancel_mu;
+  std::vector<std::int64_t> cancel_seqs;  // cancel_task() requests, taken by handle_requests()
 
   Impl(DispatchOptions o, DispatchHooks h);
   ~Impl();
@@ -119,6 +126,10 @@ struct Dispatcher::Impl {
   void flush_events(bool force);
   void finish_unstarted(const TaskSpec& t, TaskStatus status, const std::string& why);
   void handle_requests(double now);
+  void cancel_tasks(double now);
+  bool wants_input() const {
+    return !stopping() && !source_done && !input_idle && queue.size() <= opt.lookahead / 2;
+  }
   RunTotals run();
   void abort_all();
   void loop();
@@ -127,6 +138,7 @@ struct Dispatcher::Impl {
   void pull_more();
   void accept(TaskSpec t);
   std::int64_t claim_output(const std::string& final_path, std::int64_t seq);  // -1, or the other task's seq
+  void release_outputs(const TaskSpec& t);  // keep_open: a finished task's claims go
   bool outputs_renamed_since(const TaskSpec& t, double start);
   std::vector<MemoryReading> read_memory();
   void refresh_memory(double now);

@@ -30,6 +30,8 @@ struct TaskSpec {
   double timeout_s = 0;            ///< 0: none
   int retries = 0;                 ///< extra attempts after a failure
   int affinity = -1;               ///< preferred pool position (-1: none); an idle device still steals
+  int first_attempt = 1;           ///< number of its first attempt in this run (a queue re-running a job after a
+                                   ///< restart continues its count); `retries` more follow a failure
 };
 
 /// A GPU of the pool. `visible_id` is what a task's CUDA_VISIBLE_DEVICES names (UUID for real GPUs,
