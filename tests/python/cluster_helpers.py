@@ -34,10 +34,16 @@ def topology(name: str) -> str:
                         "uuid": f"GPU-{i:08x}-0000-4000-8000-{sum(map(ord, name)):012x}"} for i in range(gpus)])
 
 
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
 def _node_args(name: str) -> dict:
     gpus, _ = NODES[name]
+    # the nodes import what the tests' functions import by reference (as a real cluster has the user's
+    # packages installed on every node)
+    path = os.pathsep.join([HERE, os.path.join(HERE, "dispatch_helpers"), os.environ.get("PYTHONPATH", "")])
     return {"num_cpus": 1, "num_gpus": gpus, "object_store_memory": 80 << 20,
-            "env_vars": {"GPUFLEET_NODE_NAME": name, "GPUFLEET_SIMULATED_GPUS": topology(name)}}
+            "env_vars": {"GPUFLEET_NODE_NAME": name, "GPUFLEET_SIMULATED_GPUS": topology(name), "PYTHONPATH": path}}
 
 
 class LoopbackCluster:
