@@ -39,3 +39,29 @@ def slow(path: str, seconds: float) -> int:
 
 def double(a):
     return a * 2
+
+
+def make_model(device, log_dir: str):
+    """A pipeline replica's factory: records its build, returns the model."""
+    with open(os.path.join(log_dir, f"build-{os.getpid()}"), "a") as f:
+        f.write(f"{device}\n")
+    where = gpufleet.worker_info().device
+
+    def model(batch):
+        return [(x * 2, where) for x in batch]
+
+    return model
+
+
+def make_fragile_model(device, log_dir: str, fatal: int):
+    """A factory whose model kills its own process on the batch holding ``fatal``, the first time."""
+    where = gpufleet.worker_info().device
+
+    def model(batch):
+        marker = os.path.join(log_dir, "killed")
+        if fatal in batch and not os.path.exists(marker):
+            open(marker, "w").close()
+            os.kill(os.getpid(), 9)
+        return [(x * 2, where) for x in batch]
+
+    return model
