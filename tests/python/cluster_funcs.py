@@ -65,3 +65,42 @@ def make_fragile_model(device, log_dir: str, fatal: int):
         return [(x * 2, where) for x in batch]
 
     return model
+
+
+def rendezvous(rank: int, out_dir: str, fail_rank: int = -1) -> None:
+    """A spawn rank: records its environment, then meets every other rank at MASTER_ADDR:MASTER_PORT
+    (rank 0 listens, the others connect and send their rank: the address and port really work)."""
+    import json
+    import socket
+
+    keys = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "MASTER_ADDR", "MASTER_PORT",
+            "CUDA_VISIBLE_DEVICES", "GPUFLEET_NODE", "GPUFLEET_NODE_NAME", "GPUFLEET_DEVICE")
+    info = {k: os.environ.get(k) for k in keys}
+    info["pid"] = os.getpid()
+    info["worker_device"] = gpufleet.worker_info().device
+    if rank == fail_rank:
+        raise RuntimeError(f"rank {rank} gives up")
+    if fail_rank >= 0:
+        time.sleep(60)  # the others wait: the failure must stop them
+    addr, port, world = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), int(os.environ["WORLD_SIZE"])
+    if rank == 0:
+        srv = socket.create_server((addr, port))
+        seen = []
+        for _ in range(world - 1):
+            conn, _ = srv.accept()
+            seen.append(int(conn.recv(16).decode()))
+            conn.close()
+        info["met"] = sorted(seen)
+    else:
+        end = time.monotonic() + 30
+        while True:
+            try:
+                with socket.create_connection((addr, port), timeout=5) as c:
+                    c.sendall(str(rank).encode())
+                break
+            except OSError:
+                if time.monotonic() > end:
+                    raise
+                time.sleep(0.05)
+    with open(os.path.join(out_dir, f"rank-{rank}.json"), "w") as f:
+        json.dump(info, f)

@@ -151,7 +151,7 @@ class _Run:
             try:
                 value = self.ray.get(ref)
             except Exception as e:  # noqa: BLE001 - Ray's errors for a dead actor or node, or a bug in the agent
-                self._lost(node, _why(e))
+                self._lost(node, _ray.reason(e))
                 continue
             if what == "poll":
                 node.poll_ref = None
@@ -396,7 +396,7 @@ class _Run:
         if not node.alive:
             return
         node.alive = False
-        _kill(self.ray, node.actor)
+        _ray.kill(self.ray, node.actor)
         flights = sorted(node.flights.values(), key=lambda f: f.pending.args[0], reverse=True)
         node.flights.clear()
         running = [f for f in flights if f.started]
@@ -501,12 +501,12 @@ class _Run:
         if refs:
             self.ray.wait(refs, num_returns=len(refs), timeout=35.0)
         for n in self.nodes:
-            _kill(self.ray, n.actor)
+            _ray.kill(self.ray, n.actor)
 
     def _kill_agents(self) -> None:
         """On an error in the driver: every agent ends now, and its supervisor stops its tasks."""
         for n in self.nodes:
-            _kill(self.ray, n.actor)
+            _ray.kill(self.ray, n.actor)
 
     def _close_journal(self, status: str) -> None:
         if self.journal is not None:
@@ -537,12 +537,12 @@ def _start_agents(ray, o: _Options, run_id: str) -> list:
         try:
             started.append((a, ray.get(r, timeout=0)))
         except Exception as e:  # noqa: BLE001 - its GPUs held by other Ray work, gpufleet missing there, ...
-            problems.append(f"node {n.ip} ({n.node_id[:8]}): {_why(e)}")
-            _kill(ray, a)
+            problems.append(f"node {n.ip} ({n.node_id[:8]}): {_ray.reason(e)}")
+            _ray.kill(ray, a)
     mismatch = [d for _, d in started if d["version"] != _core.__version__]
     if mismatch:
         for a, _ in started:
-            _kill(ray, a)
+            _ray.kill(ray, a)
         raise RuntimeError("every node must run the same gpufleet as the driver (" + _core.__version__ + "): " +
                            ", ".join(f"{d['host']} has {d['version']}" for d in mismatch))
     for msg in problems:
@@ -552,7 +552,7 @@ def _start_agents(ray, o: _Options, run_id: str) -> list:
         if not d["devices"]:
             _log.warning("gpufleet: node %s: Ray lists GPUs there but gpufleet sees none (CUDA_VISIBLE_DEVICES=%s); "
                          "the run goes on without that node", d["host"], d["cuda_visible_devices"])
-            _kill(ray, a)
+            _ray.kill(ray, a)
     if not usable:
         raise RuntimeError("no node of the cluster could run a gpufleet agent" +
                            (": " + "; ".join(problems) if problems else ""))
@@ -579,15 +579,3 @@ def _renamed_since(outputs: list, start: float) -> bool:
         return all(os.stat(x).st_mtime >= start - 0.05 for x in outputs)
     except OSError:
         return False
-
-
-def _why(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {text[0] if text else ''}".rstrip(": ")
-
-
-def _kill(ray, actor) -> None:
-    try:
-        ray.kill(actor, no_restart=True)
-    except Exception:  # noqa: BLE001 - already gone
-        pass

@@ -147,7 +147,7 @@ class _ActorProcess:
 
     def kill(self) -> None:
         if self._slot.pid == self.pid and self._slot.actor is not None:
-            _kill(self._engine.ray, self._slot.actor)
+            _ray.kill(self._engine.ray, self._slot.actor)
 
     def join(self, timeout: Optional[float] = None) -> None:
         end = None if timeout is None else time.monotonic() + timeout
@@ -241,7 +241,7 @@ class RayEngine:
             slots = list(self.slots)
         for s in slots:
             if s.actor is not None:
-                _kill(self.ray, s.actor)
+                _ray.kill(self.ray, s.actor)
 
     def processes(self) -> list:
         with self.lock:
@@ -301,7 +301,7 @@ class RayEngine:
                 slots = list(self.slots)
         for s in slots:
             if s.actor is not None:
-                _kill(self.ray, s.actor)
+                _ray.kill(self.ray, s.actor)
                 s.actor = None
         _executor_io._live.discard(self)
 
@@ -394,7 +394,7 @@ class RayEngine:
 
     def _recycle(self, s: _Slot) -> None:
         """``max_tasks_per_worker``: a fresh actor in its place (lock held)."""
-        _kill(self.ray, s.actor)
+        _ray.kill(self.ray, s.actor)
         s.generation += 1
         if not self.shutting or self.queue:
             self._start(s)
@@ -405,7 +405,7 @@ class RayEngine:
         """The slot's actor is gone (lock held): WorkerDiedError for its running call, the others back
         in line, a new actor in its place."""
         was, where = s.state, s.where()
-        why = _ray_reason(exc)
+        why = _ray.reason(exc)
         s.generation += 1
         s.state, s.actor = "down", None
         if self.broken is not None:
@@ -444,7 +444,7 @@ class RayEngine:
             s.inflight.clear()
             s.generation += 1
             if s.actor is not None:
-                _kill(self.ray, s.actor)
+                _ray.kill(self.ray, s.actor)
             s.state, s.actor = "down", None
         for c in failed:
             if c.sink is not None and c.begin():
@@ -468,15 +468,3 @@ def _node_names(ray, nodes: list) -> dict:
     got = ray.get(refs, timeout=START_TIMEOUT)
     names = _ray.unique_names(got, [n.node_id for n in nodes])
     return {n.node_id: name for n, name in zip(nodes, names)}
-
-
-def _ray_reason(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0] if text else ''}".rstrip(": ")
-
-
-def _kill(ray, actor) -> None:
-    try:
-        ray.kill(actor, no_restart=True)
-    except Exception:  # noqa: BLE001 - already gone
-        pass

@@ -109,3 +109,17 @@ def is_lost(exc: BaseException) -> bool:
         return False
     return isinstance(exc, (rex.RayActorError, rex.RaySystemError, rex.ObjectLostError, rex.NodeDiedError,
                             rex.WorkerCrashedError, rex.OwnerDiedError, rex.GetTimeoutError))
+
+
+def reason(exc: BaseException) -> str:
+    """A Ray error in one line: its type and first line (Ray's messages run to pages)."""
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}".rstrip(": ")
+
+
+def kill(ray, actor) -> None:
+    """Ends an actor now (its process, and through its supervisor what it started); quiet if gone."""
+    try:
+        ray.kill(actor, no_restart=True)
+    except Exception:  # noqa: BLE001 - already gone
+        pass
