@@ -54,13 +54,16 @@ def make_model(device, log_dir: str):
 
 
 def make_fragile_model(device, log_dir: str, fatal: int):
-    """A factory whose model kills its own process on the batch holding ``fatal``, the first time."""
+    """A factory whose model kills its own process on the batch holding ``fatal``, the first time, after a
+    moment of work (a process killed in the instant after a call returned may take that call's result
+    with it: Note [Executor on a cluster])."""
     where = gpufleet.worker_info().device
 
     def model(batch):
         marker = os.path.join(log_dir, "killed")
         if fatal in batch and not os.path.exists(marker):
             open(marker, "w").close()
+            time.sleep(0.5)
             os.kill(os.getpid(), 9)
         return [(x * 2, where) for x in batch]
 

@@ -17,8 +17,10 @@ import pytest
 
 # What a Ray test module marks itself with: the `ray` marker (make test-ray runs these, in their own
 # network namespace), and Ray's own leaks ignored (it leaves /dev/null and log files open when it
-# starts its processes, which Python reports as ResourceWarnings once they are collected).
-MARKS = [pytest.mark.ray, pytest.mark.filterwarnings("ignore::ResourceWarning"),
+# starts its processes, which Python reports as ResourceWarnings once they are collected). A test that
+# hangs is stopped by a thread (stacks dumped, the run ends): SIGALRM, pytest-timeout's default, never
+# fired for a test stuck in Thread.join with Ray connected, so a hang would have held CI to its limit.
+MARKS = [pytest.mark.ray, pytest.mark.timeout(180, method="thread"), pytest.mark.filterwarnings("ignore::ResourceWarning"),
          pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")]
 
 # name -> (GPUs, memory of each)

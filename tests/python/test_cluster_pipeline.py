@@ -15,7 +15,7 @@ sys.path.insert(0, str(Path(__file__).parent / "dispatch_helpers"))
 import cluster_funcs as funcs  # noqa: E402
 from cluster_helpers import MARKS, NODES, LoopbackCluster, total_gpus  # noqa: E402
 
-pytestmark = [*MARKS, pytest.mark.timeout(180)]
+pytestmark = MARKS
 
 
 @pytest.fixture(scope="module")

@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).parent / "dispatch_helpers"))
 from cluster_helpers import MARKS, NODES, LoopbackCluster, processes_with, topology, total_gpus  # noqa: E402
 from proc_utils import stage_env, wait_for  # noqa: E402
 
-pytestmark = [*MARKS, pytest.mark.timeout(180)]
+pytestmark = MARKS
 GiB = 1 << 30
 
 

@@ -18,7 +18,7 @@ import cluster_funcs as funcs  # noqa: E402
 from cluster_helpers import MARKS, NODES, LoopbackCluster, processes_with, total_gpus  # noqa: E402
 from proc_utils import stage_env, wait_for  # noqa: E402
 
-pytestmark = [*MARKS, pytest.mark.timeout(180)]
+pytestmark = MARKS
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,16 @@ every node with GPUs. Ray sets its CUDA_VISIBLE_DEVICES; ``worker_info().device`
 - An actor that dies (its process killed, its node gone) fails the call it was running with
   ``WorkerDiedError``; the calls behind it go back to the front of the queue, and a new actor takes
   its place (on the same node if it is alive, anywhere else if not). Two deaths in a row before an
-  actor is ready break the executor, as locally.
+  actor is ready break the executor, as locally. Ray may hand over an actor's outcomes out of order
+  (the death of its second call before the success of its first): a success completes its call
+  wherever it stands; a failure counts as the actor's death only once every call before it has its
+  outcome, so the call that was running when it died is the one that fails and none is left waiting.
+  Ray sends a call's result after the call returns, from another thread of the actor's process: an
+  actor that dies within a moment of finishing a call (the next call kills its process at once) may
+  take that result with it, and Ray then fails the finished call too. The engine cannot tell it from
+  the running one, so the earliest call without a result counts as the running one: it fails with
+  ``WorkerDiedError`` (although it ran) and the calls behind it run again. Nothing waits for ever and
+  each death fails one call.
 """
 from __future__ import annotations
 
@@ -118,6 +127,7 @@ class _Slot:
         self.pid: Optional[int] = None
         self.visible = ""
         self.inflight: collections.deque = collections.deque()
+        self.early: dict = {}  # id(call) -> how Ray failed it, while a call before it has no outcome yet
         self.false_starts = 0
         self.done = 0
         self.fn_ids: set = set()
@@ -367,14 +377,16 @@ class RayEngine:
         self._watch(s.actor.call.remote(fn_id, box, c.args, c.chunked), s, c)
 
     def _result(self, s: _Slot, c: Call, f: Future) -> None:
-        if not s.inflight or s.inflight[0] is not c:
+        if not any(x is c for x in s.inflight):
             return  # the actor was lost meanwhile: its calls were handled then
         try:
             value = f.result()
         except BaseException as e:  # noqa: BLE001 - the actor or its node died
-            self._lost(s, e)
+            # the death, once the calls before this one have their outcomes (Note [Executor on a cluster])
+            s.early[id(c)] = e
+            self._settle(s)
             return
-        s.inflight.popleft()
+        s.inflight.remove(c)
         s.done += 1
         end = time.time()
         if value[0] == "ok":
@@ -390,7 +402,15 @@ class RayEngine:
         c.finish(ok, result)
         if self.max_tasks and s.done >= self.max_tasks and not s.inflight:
             self._recycle(s)
-        self._dispatch()
+        elif not self._settle(s):
+            self._dispatch()
+
+    def _settle(self, s: _Slot) -> bool:
+        """A failure Ray reported for the first call still in flight is the actor's death (lock held)."""
+        if s.inflight and id(s.inflight[0]) in s.early:
+            self._lost(s, s.early[id(s.inflight[0])])
+            return True
+        return False
 
     def _recycle(self, s: _Slot) -> None:
         """``max_tasks_per_worker``: a fresh actor in its place (lock held)."""
@@ -418,6 +438,7 @@ class RayEngine:
                 return
         calls = list(s.inflight)
         s.inflight.clear()
+        s.early.clear()
         if calls and self.killing:
             for c in calls:
                 c.finish(False, WorkerDiedError(f"{where} was stopped while running a call, by the executor's kill "
@@ -442,6 +463,7 @@ class RayEngine:
         self.queue.clear()
         for s in self.slots:
             s.inflight.clear()
+            s.early.clear()
             s.generation += 1
             if s.actor is not None:
                 _ray.kill(self.ray, s.actor)
