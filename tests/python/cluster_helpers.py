@@ -91,6 +91,14 @@ class LoopbackCluster:
         self.cluster.shutdown()
 
 
+@pytest.fixture(scope="module")
+def cluster():
+    """The test module's cluster (its modules import this fixture: one cluster per module)."""
+    c = LoopbackCluster()
+    yield c
+    c.shutdown()
+
+
 def total_gpus() -> int:
     return sum(g for g, _ in NODES.values())
 

@@ -17,17 +17,10 @@ import gpufleet
 
 sys.path.insert(0, str(Path(__file__).parent / "dispatch_helpers"))
 import cluster_funcs as funcs  # noqa: E402
-from cluster_helpers import MARKS, NODES, LoopbackCluster, total_gpus  # noqa: E402
+from cluster_helpers import MARKS, NODES, cluster, total_gpus  # noqa: E402,F401 - cluster: the fixture
 from proc_utils import wait_for  # noqa: E402
 
 pytestmark = MARKS
-
-
-@pytest.fixture(scope="module")
-def cluster():
-    c = LoopbackCluster()
-    yield c
-    c.shutdown()
 
 
 # these make their own executors: before the module's pool takes every GPU

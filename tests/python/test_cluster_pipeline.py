@@ -13,16 +13,9 @@ import gpufleet
 
 sys.path.insert(0, str(Path(__file__).parent / "dispatch_helpers"))
 import cluster_funcs as funcs  # noqa: E402
-from cluster_helpers import MARKS, NODES, LoopbackCluster, total_gpus  # noqa: E402
+from cluster_helpers import MARKS, NODES, cluster, total_gpus  # noqa: E402,F401 - cluster: the fixture
 
 pytestmark = MARKS
-
-
-@pytest.fixture(scope="module")
-def cluster():
-    c = LoopbackCluster()
-    yield c
-    c.shutdown()
 
 
 def test_replicas_on_every_gpu_of_every_node_each_built_once(cluster, tmp_path):

@@ -6,7 +6,6 @@ to a driver process."""
 from __future__ import annotations
 
 import json
-import os
 import signal
 import sqlite3
 import subprocess
@@ -21,18 +20,11 @@ import pytest
 import gpufleet
 
 sys.path.insert(0, str(Path(__file__).parent / "dispatch_helpers"))
-from cluster_helpers import MARKS, NODES, LoopbackCluster, processes_with, topology, total_gpus  # noqa: E402
+from cluster_helpers import MARKS, NODES, cluster, processes_with, topology, total_gpus  # noqa: E402,F401 - cluster: the fixture
 from proc_utils import stage_env, wait_for  # noqa: E402
 
 pytestmark = MARKS
 GiB = 1 << 30
-
-
-@pytest.fixture(scope="module")
-def cluster():
-    c = LoopbackCluster()
-    yield c
-    c.shutdown()
 
 
 @pytest.fixture

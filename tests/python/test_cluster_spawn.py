@@ -15,17 +15,10 @@ import gpufleet
 
 sys.path.insert(0, str(Path(__file__).parent / "dispatch_helpers"))
 import cluster_funcs as funcs  # noqa: E402
-from cluster_helpers import MARKS, NODES, LoopbackCluster, processes_with, total_gpus  # noqa: E402
+from cluster_helpers import MARKS, NODES, cluster, processes_with, total_gpus  # noqa: E402,F401 - cluster: the fixture
 from proc_utils import stage_env, wait_for  # noqa: E402
 
 pytestmark = MARKS
-
-
-@pytest.fixture(scope="module")
-def cluster():
-    c = LoopbackCluster()
-    yield c
-    c.shutdown()
 
 
 def _ranks(tmp_path):

@@ -223,12 +223,7 @@ class RayEngine:
     def check(self) -> None:
         from .. import _executor_io
 
-        if self.broken is not None:
-            raise BrokenGPUExecutor(str(self.broken))
-        if _executor_io._global_shutdown:
-            raise RuntimeError("cannot schedule new futures after interpreter shutdown")
-        if self.shutting:
-            raise RuntimeError("cannot schedule new futures after shutdown")
+        _executor_io.refuse_if_closed(self)
 
     def put(self, calls: list) -> None:
         with self.lock:
