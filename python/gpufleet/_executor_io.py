@@ -153,11 +153,7 @@ class Engine:
         with self.lock:
             dropped = list(self.queue)
             self.queue.clear()
-        for c in dropped:
-            if isinstance(c.sink, Future):
-                c.sink.cancel()
-            elif c.sink is not None:
-                c.sink.cancelled = True
+        cancel_calls(dropped)
 
     def kill(self) -> None:
         """The kill sequence on every worker now (Ctrl-C, interpreter exit interrupted): queued calls
@@ -599,3 +595,12 @@ def refuse_if_closed(engine) -> None:
         raise RuntimeError("cannot schedule new futures after interpreter shutdown")
     if engine.shutting:
         raise RuntimeError("cannot schedule new futures after shutdown")
+
+
+def cancel_calls(calls: list) -> None:
+    """Cancels calls that were never handed to a worker (their futures, or their map job's slots)."""
+    for c in calls:
+        if isinstance(c.sink, Future):
+            c.sink.cancel()
+        elif c.sink is not None:
+            c.sink.cancelled = True

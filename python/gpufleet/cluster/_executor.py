@@ -469,13 +469,11 @@ class RayEngine:
         self.wake.set()
 
     def _cancel_queued(self) -> None:
+        from .. import _executor_io
+
         dropped = list(self.queue)
         self.queue.clear()
-        for c in dropped:
-            if isinstance(c.sink, Future):
-                c.sink.cancel()
-            elif c.sink is not None:
-                c.sink.cancelled = True
+        _executor_io.cancel_calls(dropped)
 
 
 def _node_names(ray, nodes: list) -> dict:
