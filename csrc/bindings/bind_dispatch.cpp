@@ -120,7 +120,8 @@ void bind_dispatch(py::module_& m) {
                        double kill_grace, double retry_backoff, const std::string& output, std::string log_dir,
                        std::string journal, bool resume, bool skip_existing, std::size_t lookahead,
                        double memory_poll, double event_interval, std::string description, py::function pull,
-                       py::function on_events, int wake_fd, py::object memory, bool keep_open) {
+                       py::function on_events, int wake_fd, py::object memory, bool keep_open,
+                       std::string run_id) {
              DispatchOptions o;
              o.devices = make_pool(ordinals);
              o.slots_per_device = slots_per_device;
@@ -138,6 +139,7 @@ void bind_dispatch(py::module_& m) {
              o.event_interval_s = event_interval;
              o.description = std::move(description);
              o.keep_open = keep_open;
+             o.run_id = std::move(run_id);
              auto self = std::make_unique<PyDispatcher>();
              PyDispatcher* raw = self.get();
              DispatchHooks h;
@@ -182,7 +184,8 @@ void bind_dispatch(py::module_& m) {
            py::arg("kill_grace"), py::arg("retry_backoff"), py::arg("output"), py::arg("log_dir"), py::arg("journal"),
            py::arg("resume"), py::arg("skip_existing"), py::arg("lookahead"), py::arg("memory_poll"),
            py::arg("event_interval"), py::arg("description"), py::arg("pull"), py::arg("on_events"),
-           py::arg("wake_fd") = -1, py::arg("memory") = py::none(), py::arg("keep_open") = false)
+           py::arg("wake_fd") = -1, py::arg("memory") = py::none(), py::arg("keep_open") = false,
+           py::arg("run_id") = "")
       .def("run",
            [](PyDispatcher& self) {
              if (!self.d) throw std::logic_error("a Dispatcher runs once");

@@ -14,6 +14,7 @@ void bind_errors(py::module_& m);
 void bind_device(py::module_& m);
 void bind_tensor(py::module_& m);
 void bind_dispatch(py::module_& m);
+void bind_journal(py::module_& m);
 void bind_kernels(py::module_& m);
 void bind_pipeline(py::module_& m);
 

@@ -13,6 +13,7 @@ PYBIND11_MODULE(_core, m) {
   bind_device(m);
   bind_tensor(m);
   bind_dispatch(m);
+  bind_journal(m);  // after bind_dispatch: it takes TaskSpec
   bind_kernels(m);
   bind_pipeline(m);
 }

@@ -40,7 +40,10 @@ Dispatcher::Impl::Impl(DispatchOptions o, DispatchHooks h) : opt(std::move(o)), 
   GF_CHECK_ARG(opt.output != OutputMode::File || !opt.log_dir.empty(), "log files need a log directory");
   if (pipe2(wake, O_CLOEXEC | O_NONBLOCK) != 0) throw std::runtime_error("pipe2 failed");
   token = random_token();
-  run_id = token.substr(0, 12);
+  run_id = opt.run_id.empty() ? token.substr(0, 12) : opt.run_id;
+  GF_CHECK_ARG(run_id != "." && run_id != ".." && run_id.find('/') == std::string::npos &&
+                   run_id.find('\0') == std::string::npos && run_id.size() <= 64,
+               "run_id must be a file name of at most 64 bytes (no '/'), got '{}'", printable(run_id));
   marker = "GPUFLEET_RUN_ID=" + token;
 }
 

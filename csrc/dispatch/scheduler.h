@@ -23,6 +23,9 @@ struct DispatchOptions {
   double retry_backoff_s = 0.5;      ///< first retry delay, doubled per attempt
   OutputMode output = OutputMode::Pipe;  ///< Pipe = lines passed through with a "[name] " prefix
   std::string log_dir;               ///< with OutputMode::File: <log_dir>/<run_id>/task-<seq+1>.attempt-<k>.log
+  /// The run's id (log directory, journal, events); empty: a new random one. A cluster run's agents
+  /// share their driver's (python/gpufleet/cluster/_agent.py), so its logs land in one directory.
+  std::string run_id;
   std::string journal_path;          ///< empty: no journal
   bool resume = false;               ///< skip tasks the journal records as succeeded (outputs present)
   bool skip_existing = false;        ///< skip tasks whose declared outputs all exist

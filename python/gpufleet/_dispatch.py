@@ -16,11 +16,11 @@ import signal
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator, Optional, Sequence, Union
 
-from . import _core, _devices, _display, _halt, _log as _logging, _progress
+from . import _core, _devices, _halt, _log as _logging, _progress
 from ._dispatch_progress import _Progress
+from ._dispatch_report import AttemptRecord, RunReport, TaskRecord  # noqa: F401 - AttemptRecord: importable here
 from ._dispatch_template import JOB_SLOT_MARK as _JOB_SLOT_MARK
 from ._dispatch_template import check_template as _check_template
 from ._dispatch_template import expand as _expand, expand_command as _expand_command
@@ -131,6 +131,10 @@ class Task:
         return hashlib.sha1(blob.encode("utf-8", "surrogateescape")).hexdigest()
 
     def _spec(self, seq: int, token: str, pool_size: int, keyed: bool = True):
+        return _core.TaskSpec(*self._spec_args(seq, token, pool_size, keyed))
+
+    def _spec_args(self, seq: int, token: str, pool_size: int, keyed: bool = True) -> tuple:
+        """``_core.TaskSpec``'s arguments (picklable: a cluster run sends them to a node)."""
         # The key (a hash of the command) only serves the journal; without one it is left empty, which
         # takes a third of this per-task cost off the run loop's thread.
         temps = [_temp_name(o, token) for o in self.outputs]
@@ -144,10 +148,10 @@ class Task:
         # Bytes (os.fsencode) for everything that names a file or reaches the command: a file name that
         # is not UTF-8 (legal on Linux) travels as the bytes it is.
         fs = os.fsencode
-        return _core.TaskSpec(seq, self._key() if keyed else "", fs(self.name), [fs(a) for a in argv],
-                              [(fs(k), fs(v)) for k, v in self.env.items()], fs(self.cwd or ""),
-                              [(fs(o), fs(t)) for o, t in zip(self.outputs, temps)], self.gpus, self.min_free_memory,
-                              self.timeout, self.retries, affinity)
+        return (seq, self._key() if keyed else "", fs(self.name), [fs(a) for a in argv],
+                [(fs(k), fs(v)) for k, v in self.env.items()], fs(self.cwd or ""),
+                [(fs(o), fs(t)) for o, t in zip(self.outputs, temps)], self.gpus, self.min_free_memory, self.timeout,
+                self.retries, affinity)
 
 
 _NAME_MAX = 255  # bytes in one file name (Linux file systems)
@@ -291,258 +295,6 @@ def _sub_outputs(arg: str, paths: Sequence[str]) -> str:
     return re.sub(r"\{output(\d*)\}", sub, arg)
 
 
-# ---- reports ---------------------------------------------------------------------------------
-
-@dataclass
-class TaskRecord:
-    """What happened to one task (its last attempt), as ``RunReport.tasks`` lists it. ``number`` is
-    the task's number as users see it (1-based, GNU parallel's ``{#}``: the summary, the joblog and
-    the log file ``task-<number>.attempt-<k>.log``); ``seq`` is its 0-based position in the input."""
-
-    seq: int
-    name: str
-    status: str                 # succeeded, failed, timed_out, cancelled, skipped, not_started
-    devices: list = field(default_factory=list)   # e.g. ["cuda:0"]; [] for CPU tasks and unstarted ones
-    slot: Optional[int] = None
-    start: Optional[float] = None   # Unix time
-    end: Optional[float] = None
-    attempts: int = 0
-    exit_code: Optional[int] = None
-    signal: Optional[int] = None
-    log_path: Optional[str] = None
-    message: str = ""
-
-    @property
-    def duration(self) -> Optional[float]:
-        return None if self.start is None or self.end is None else self.end - self.start
-
-    @property
-    def ok(self) -> bool:
-        return self.status in ("succeeded", "skipped")
-
-    @property
-    def number(self) -> int:
-        return self.seq + 1
-
-
-@dataclass
-class AttemptRecord:
-    seq: int
-    name: str
-    attempt: int
-    devices: list
-    slot: int
-    start: float
-    end: float
-    status: str
-
-    @property
-    def number(self) -> int:
-        return self.seq + 1
-
-
-class RunReport:
-    """The outcome of ``gpufleet.run``: per task (``tasks``, in input order: ``tasks[i]`` is the i-th
-    task when every task is recorded), per attempt (``attempts``, as they ended), per device
-    (``devices``: busy fraction, tasks, failures) and totals; ``summary()``, ``to_chrome_trace(path)``,
-    ``plot_timeline(path)``. Beyond ``max_records`` tasks only totals are kept (``records_truncated``)."""
-
-    def __init__(self, pool: list, slots_per_device: int, max_records: int):
-        self.pool = pool
-        self.slots_per_device = slots_per_device
-        self.tasks: list[TaskRecord] = []
-        self.attempts: list[AttemptRecord] = []
-        self.max_records = max_records
-        self.records_truncated = False
-        self.counts = {"succeeded": 0, "failed": 0, "timed_out": 0, "cancelled": 0, "skipped": 0, "not_started": 0}
-        self.started = time.time()
-        self.finished: Optional[float] = None
-        self.run_id = ""
-        self.drained = False
-        self.cancelled = False
-        self.quarantined: list[str] = []
-        self.halted: Optional[str] = None          # why --halt / halt= stopped the run
-        self.halt_exit_status: Optional[int] = None  # GNU parallel's exit status for that halt
-        self.messages: list[str] = []
-        self.journal: Optional[str] = None
-        self._busy = {}      # device name -> seconds
-        self._dev_tasks = {}
-        self._dev_fail = {}
-
-    # totals
-    @property
-    def total(self) -> int:
-        return sum(self.counts.values())
-
-    @property
-    def succeeded(self) -> int:
-        return self.counts["succeeded"]
-
-    @property
-    def failed(self) -> int:
-        """Tasks that failed or timed out. Cancelled and not started tasks are counted apart
-        (``counts``): they did not fail, the run was stopped."""
-        return self.counts["failed"] + self.counts["timed_out"]
-
-    @property
-    def ok(self) -> bool:
-        return self.failed == 0 and self.counts["cancelled"] == 0 and self.counts["not_started"] == 0
-
-    @property
-    def wall_time(self) -> float:
-        return (self.finished or time.time()) - self.started
-
-    @property
-    def failed_tasks(self) -> list[TaskRecord]:
-        return [t for t in self.tasks if t.status in ("failed", "timed_out")]
-
-    @property
-    def cancelled_tasks(self) -> list[TaskRecord]:
-        """Tasks stopped by a cancel (Ctrl-C twice, ``halt`` now) while they ran."""
-        return [t for t in self.tasks if t.status == "cancelled"]
-
-    @property
-    def devices(self) -> dict:
-        """Per device: ``busy`` (fraction of slot-time running tasks), ``tasks``, ``failures``."""
-        wall = max(self.wall_time, 1e-9)
-        out = {}
-        for d in self.pool:
-            name = f"cuda:{d.ordinal}"
-            out[name] = {"busy": self._busy.get(name, 0.0) / (wall * self.slots_per_device),
-                         "tasks": self._dev_tasks.get(name, 0), "failures": self._dev_fail.get(name, 0),
-                         "quarantined": name in self.quarantined}
-        if "cpu" in self._dev_tasks:
-            out["cpu"] = {"busy": None, "tasks": self._dev_tasks["cpu"], "failures": self._dev_fail.get("cpu", 0),
-                          "quarantined": False}
-        return out
-
-    def _attempt(self, ev, devs: list) -> None:
-        dur = max(0.0, ev.end - ev.start)
-        for name in devs or ["cpu"]:
-            self._busy[name] = self._busy.get(name, 0.0) + dur
-            self._dev_tasks[name] = self._dev_tasks.get(name, 0) + 1
-            if ev.status in ("failed", "timed_out"):  # a cancel is not the device's failure
-                self._dev_fail[name] = self._dev_fail.get(name, 0) + 1
-        if len(self.attempts) < self.max_records:
-            self.attempts.append(AttemptRecord(ev.seq, ev.name, ev.attempt, devs, ev.slot, ev.start, ev.end, ev.status))
-
-    def _final(self, rec: TaskRecord) -> None:
-        self.counts[rec.status] = self.counts.get(rec.status, 0) + 1
-        if len(self.tasks) < self.max_records:
-            self.tasks.append(rec)
-        else:
-            self.records_truncated = True
-
-    def summary(self) -> str:
-        c = self.counts
-        lines = [f"gpufleet run {self.run_id}: {self.total} task{'s' if self.total != 1 else ''} in "
-                 f"{self.wall_time:.1f} s: {c['succeeded']} succeeded, {c['failed']} failed, {c['timed_out']} timed out, "
-                 f"{c['cancelled']} cancelled, {c['skipped']} skipped, {c['not_started']} not started"]
-        if self.halted:
-            lines.append(f"halted: {self.halted}")
-        elif self.drained or self.cancelled:
-            lines.append("interrupted: " + ("cancelled (kill sequence)" if self.cancelled else "drained (running tasks finished)"))
-        for name, d in self.devices.items():
-            busy = "" if d["busy"] is None else f"busy {100 * d['busy']:5.1f}%  "
-            lines.append(f"  {name:8s} {busy}tasks {d['tasks']:6d}  failures {d['failures']:4d}"
-                         + ("  QUARANTINED" if d["quarantined"] else ""))
-        failed = self.failed_tasks
-        for t in failed[:10]:
-            where = f" on {','.join(t.devices)}" if t.devices else ""
-            log = f" (log: {t.log_path})" if t.log_path else ""
-            lines.append(f"  FAILED #{t.number} {t.name!r}{where}: {t.message}{log}")
-        if len(failed) > 10:
-            lines.append(f"  ... and {len(failed) - 10} more failed tasks (report.failed_tasks)")
-        cancelled = self.cancelled_tasks
-        if cancelled:
-            more = f" and {len(cancelled) - 20} more" if len(cancelled) > 20 else ""
-            lines.append("  cancelled while running: " + ", ".join(f"#{t.number}" for t in cancelled[:20]) + more)
-        if self.records_truncated:
-            lines.append(f"  (per-task records kept for the first {self.max_records} tasks; totals cover all)")
-        if self.journal:
-            lines.append(f"  journal: {self.journal}")
-        return "\n".join(lines)
-
-    def __repr__(self) -> str:
-        c = self.counts
-        return (f"RunReport(run_id={self.run_id!r}, tasks={self.total}, succeeded={c['succeeded']}, "
-                f"failed={self.failed}, skipped={c['skipped']}, not_started={c['not_started']}, "
-                f"wall_time={self.wall_time:.1f}s)")
-
-    def _repr_html_(self) -> str:
-        """The summary as tables (Note [Rich display]): totals, one row per device, failed tasks."""
-        c = self.counts
-        title = (f"gpufleet run {self.run_id}: {self.total} task{'s' if self.total != 1 else ''} in "
-                 f"{self.wall_time:.1f} s: {c['succeeded']} succeeded, {c['failed']} failed, {c['timed_out']} "
-                 f"timed out, {c['cancelled']} cancelled, {c['skipped']} skipped, {c['not_started']} not started")
-        notes = []
-        if self.drained or self.cancelled:
-            notes.append("interrupted: " + ("cancelled" if self.cancelled else "drained (running tasks finished)"))
-        if self.journal:
-            notes.append(f"journal: {self.journal}")
-        rows = [(name, "-" if d["busy"] is None else f"{100 * d['busy']:.1f}%", d["tasks"], d["failures"],
-                 "yes" if d["quarantined"] else "") for name, d in self.devices.items()]
-        out = _display.html_table(("device", "busy", "tasks", "failures", "quarantined"), rows, title=title,
-                                  notes=notes, numeric=(1, 2, 3))
-        failed = self.failed_tasks
-        if failed:
-            out += _display.html_table(
-                ("task", "name", "status", "devices", "message", "log"),
-                [(t.seq + 1, t.name, t.status, ",".join(t.devices), t.message, t.log_path or "") for t in failed[:10]],
-                title=f"failed tasks ({len(failed)}{', first 10' if len(failed) > 10 else ''})")
-        return out
-
-    def to_chrome_trace(self, path: PathLike) -> str:
-        """Writes the attempts as Chrome trace JSON (Perfetto, chrome://tracing): one process per device,
-        one thread per slot. Returns the path."""
-        path = os.fspath(path)
-        t0 = min((a.start for a in self.attempts), default=self.started)
-        events = []
-        names = {}
-        for a in self.attempts:
-            for dev in a.devices or ["cpu"]:
-                pid = names.setdefault(dev, len(names))
-                events.append({"name": a.name, "cat": a.status, "ph": "X", "ts": (a.start - t0) * 1e6,
-                               "dur": max(0.0, a.end - a.start) * 1e6, "pid": pid, "tid": a.slot,
-                               "args": {"task": a.seq + 1, "attempt": a.attempt, "status": a.status}})
-        for dev, pid in names.items():
-            events.append({"name": "process_name", "ph": "M", "pid": pid, "args": {"name": dev}})
-        with open(path, "w") as f:
-            json.dump({"traceEvents": events, "displayTimeUnit": "ms",
-                       "otherData": {"run_id": self.run_id, "tool": "gpufleet"}}, f)
-        return path
-
-    def plot_timeline(self, path: Optional[PathLike] = None) -> Any:
-        """A Gantt chart of every slot of every device. Saved to ``path`` (whose path is returned), or,
-        without one, returned as a matplotlib ``Figure`` (shown inline in Jupyter). Needs the ``plot``
-        extra (matplotlib)."""
-        rows = [(f"cuda:{d.ordinal}", s) for d in self.pool for s in range(self.slots_per_device)]
-        if any(not a.devices for a in self.attempts):
-            rows += sorted({("cpu", a.slot) for a in self.attempts if not a.devices})
-        fig = _display.new_figure("RunReport.plot_timeline", path, figsize=(11, 1.2 + 0.35 * max(1, len(rows))))
-        from matplotlib.patches import Patch
-
-        index = {r: i for i, r in enumerate(rows)}
-        colors = {"succeeded": "#4c9a2a", "failed": "#c0392b", "timed_out": "#e67e22", "cancelled": "#7f8c8d"}
-        t0 = min((a.start for a in self.attempts), default=self.started)
-        ax = fig.subplots()
-        for a in self.attempts:
-            for dev in a.devices or ["cpu"]:
-                i = index.get((dev, a.slot))
-                if i is None:
-                    continue
-                ax.broken_barh([(a.start - t0, max(a.end - a.start, 1e-3))], (i - 0.4, 0.8),
-                               facecolors=colors.get(a.status, "#34495e"), edgecolor="white", linewidth=0.3)
-        ax.set_yticks(range(len(rows)))
-        ax.set_yticklabels([f"{d} slot {s}" for d, s in rows])
-        ax.invert_yaxis()
-        ax.set_xlabel("seconds since the first task started")
-        ax.set_title(f"gpufleet run {self.run_id}: {self.total} tasks, {self.wall_time:.1f} s")
-        ax.legend(handles=[Patch(color=c, label=s) for s, c in colors.items()], loc="upper right", fontsize=7)
-        fig.tight_layout()
-        return _display.finish_figure(fig, path, dpi=110)
-
-
 # ---- run ---------------------------------------------------------------------------------------
 
 def _resolve_devices(devices) -> list[int]:
@@ -565,6 +317,161 @@ def _resolve_devices(devices) -> list[int]:
     return out
 
 
+class _Options:
+    """``run()``'s arguments, checked once; what a local and a cluster run share (cluster/_driver.py)."""
+
+    def __init__(self, tasks, *, slots_per_device, cpu_slots, journal, resume, skip_existing, log_dir, output,
+                 progress, quiet, total, on_start, on_finish, quarantine_after, kill_grace, retry_backoff,
+                 memory_poll, max_records, check, halt):
+        self.slots_per_device = _count(slots_per_device, "slots_per_device", 1)
+        if cpu_slots is not None:
+            _count(cpu_slots, "cpu_slots", 1)
+        self.cpu_slots = cpu_slots
+        if resume and journal is None:
+            raise ValueError("resume=True needs a journal (journal='run.sqlite')")
+        if output is None:
+            output = "files" if log_dir is not None else "prefix"
+        if output not in ("files", "prefix", "inherit", "null"):
+            raise ValueError(f"output must be 'files', 'prefix', 'inherit' or 'null', got {output!r}")
+        if output == "files" and log_dir is None:
+            raise ValueError("output='files' needs log_dir")
+        if total is None and hasattr(tasks, "__len__"):
+            total = len(tasks)
+        self.stopper = _halt.Halt.parse(halt)
+        if self.stopper is not None and self.stopper.pct is not None and total is None:
+            raise ValueError(f"halt={halt!r} is a percentage of the tasks, so it needs their number: pass total= (or a "
+                             "list of tasks)")
+        if isinstance(tasks, (list, tuple)):  # finite and already built: refuse colliding outputs up front
+            _check_output_collisions((i + 1, repr(t.name), t.outputs) for i, t in enumerate(tasks)
+                                     if isinstance(t, Task))
+        if progress is None:
+            progress = not quiet and _progress.mode() != "plain"
+        self.journal, self.resume, self.skip_existing, self.log_dir = journal, resume, skip_existing, log_dir
+        self.output, self.progress, self.quiet, self.total = output, progress, quiet, total
+        self.on_start, self.on_finish, self.quarantine_after = on_start, on_finish, quarantine_after
+        self.kill_grace, self.retry_backoff, self.memory_poll = kill_grace, retry_backoff, memory_poll
+        self.max_records, self.check = max_records, check
+        # a halt condition is checked before the next task starts: every event at once (_halt.py)
+        self.event_interval = 0.0 if self.stopper is not None else 0.1 if (progress or on_start or on_finish) else 0.25
+
+    def new_report(self, pool: list) -> RunReport:
+        report = RunReport(pool, self.slots_per_device, self.max_records)
+        report.journal = None if self.journal is None else os.path.abspath(os.fspath(self.journal))
+        return report
+
+    def finish_report(self, report: RunReport, totals: dict) -> RunReport:
+        """The end of a run (local or cluster), after the progress display closed."""
+        if self.stopper is not None and report.halt_exit_status is None:
+            report.halt_exit_status = self.stopper.final_exit_status()
+        report.run_id = totals["run_id"]
+        report.drained = totals["drained"]
+        report.cancelled = totals["cancelled"]
+        if report.attempts:
+            report.started = min(report.started, min(a.start for a in report.attempts))
+        report.tasks.sort(key=lambda t: t.seq)  # input order, as Executor.map and ray.get give results
+        if self.check and not report.ok:
+            raise RuntimeError(report.summary())
+        return report
+
+
+def _as_task(t) -> Task:
+    if isinstance(t, Task):
+        return t
+    if isinstance(t, (list, tuple)):
+        return Task(list(t))
+    raise TypeError(f"tasks must yield gpufleet.Task objects or argv lists, got {t!r}")
+
+
+class _Events:
+    """What a run does with its events, local or cluster: the report, the progress display, the halt
+    condition and the callbacks. ``control`` is what a halt stops (``drain()``, ``cancel()``);
+    ``names(ev)`` gives an event's device names."""
+
+    def __init__(self, o: _Options, report: RunReport, bar, control, names: Callable[[Any], list]):
+        self.o, self.report, self.bar, self.control, self.names = o, report, bar, control, names
+        self.running: dict = {}   # seq -> (name, devices), for the progress display
+        self.attempts: dict = {}  # seq -> its latest attempt number
+
+    def record(self, ev, attempts: int) -> TaskRecord:
+        started = ev.kind in ("finished",) and ev.pid != 0
+        return TaskRecord(ev.seq, ev.name, ev.status, self.names(ev), ev.slot if ev.kind == "finished" else None,
+                          ev.start if started else None, ev.end if started else None, attempts, ev.exit_code,
+                          ev.signal, ev.log_path or None, ev.message, getattr(ev, "node", None))
+
+    def __call__(self, events) -> None:
+        o, report = self.o, self.report
+        for ev in events:
+            kind = ev.kind
+            if kind == "started":
+                self.running[ev.seq] = (ev.name, self.names(ev))
+                self.attempts[ev.seq] = ev.attempt
+                if o.on_start is not None:
+                    o.on_start(TaskRecord(ev.seq, ev.name, "running", self.names(ev), ev.slot, ev.start, None,
+                                          ev.attempt, None, None, ev.log_path or None, "", getattr(ev, "node", None)))
+            elif kind == "message":
+                self.message(ev.message)
+            else:
+                if kind == "finished":
+                    self.running.pop(ev.seq, None)
+                    if ev.pid != 0 or ev.attempt:
+                        report._attempt(ev, self.names(ev))
+                if kind == "finished" and not ev.final:
+                    continue
+                rec = self.record(ev, self.attempts.pop(ev.seq, 0))
+                report._final(rec)
+                if rec.status in ("failed", "timed_out") and self.bar is None and not o.quiet:
+                    _log.warning("task #%d %r %s: %s", rec.number, rec.name, rec.status, rec.message)
+                stopper = o.stopper
+                if stopper is not None and report.halted is None:
+                    when = stopper.update(rec, o.total)
+                    if when is not None:
+                        report.halted = stopper.describe(rec)
+                        report.halt_exit_status = stopper.exit_status
+                        (self.control.cancel if when == "now" else self.control.drain)()
+                if o.on_finish is not None:
+                    o.on_finish(rec)
+        if self.bar is not None:
+            self.bar.update(report.counts, self.running)
+
+    def message(self, text: str) -> None:
+        self.report.messages.append(text)
+        if self.bar is not None:
+            self.bar.write(f"gpufleet: {text}")
+        else:
+            _log.warning("%s", text)
+
+
+class _Interrupts:
+    """Ctrl-C during a run goes to ``handler`` (the drain/cancel policy), never raises inside a
+    callback (no half-recorded event); ``wake_fd`` is readable when a signal arrived (-1 outside
+    the main thread, where Python delivers no signals)."""
+
+    def __init__(self, handler: Callable[[], Any]):
+        self.handler = handler
+        self.wake_fd = self._wake_w = -1
+        self._old_wakeup = self._old_sigint = None
+
+    def __enter__(self) -> "_Interrupts":
+        if threading.current_thread() is threading.main_thread():
+            self.wake_fd, self._wake_w = os.pipe()
+            os.set_blocking(self._wake_w, False)
+            os.set_blocking(self.wake_fd, False)
+            self._old_wakeup = signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
+        if self.wake_fd >= 0 and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+            self._old_sigint = signal.signal(signal.SIGINT, lambda signum, frame: self.handler())
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._old_wakeup is not None:
+            signal.set_wakeup_fd(self._old_wakeup)
+        if self._old_sigint is not None:
+            signal.signal(signal.SIGINT, self._old_sigint)
+        for fd in (self.wake_fd, self._wake_w):
+            if fd >= 0:
+                os.close(fd)
+        self.wake_fd = self._wake_w = -1
+
+
 def run(tasks: Iterable[Union[Task, Sequence[str]]], devices: Any = "auto", slots_per_device: int = 1, *,
         cpu_slots: Optional[int] = None, journal: Optional[PathLike] = None, resume: bool = False,
         skip_existing: bool = False, log_dir: Optional[PathLike] = None, output: Optional[str] = None,
@@ -573,7 +480,7 @@ def run(tasks: Iterable[Union[Task, Sequence[str]]], devices: Any = "auto", slot
         on_finish: Optional[Callable[[TaskRecord], Any]] = None,
         quarantine_after: int = 5, kill_grace: float = 5.0, retry_backoff: float = 0.5,
         memory_poll: float = 0.5, max_records: int = 100_000, check: bool = False,
-        halt: Optional[str] = None) -> RunReport:
+        halt: Optional[str] = None, cluster: Optional[str] = None) -> RunReport:
     """Runs every task on the device pool and returns a ``RunReport``.
 
     ``tasks`` is any iterable of ``Task`` (or argv lists), consumed lazily in bounded chunks.
@@ -589,158 +496,85 @@ def run(tasks: Iterable[Union[Task, Sequence[str]]], devices: Any = "auto", slot
     (``"now,fail=1"``, ``"soon,fail=10%"``, ``"now,success=1"``, ``"soon,done=3"``): ``soon`` drains,
     ``now`` cancels (``report.halted``, ``report.halt_exit_status``). ``check=True`` raises
     ``RuntimeError`` with the summary when a task failed.
-    """
-    ordinals = _resolve_devices(devices)
-    slots_per_device = _count(slots_per_device, "slots_per_device", 1)
-    if cpu_slots is not None:
-        _count(cpu_slots, "cpu_slots", 1)
-    if resume and journal is None:
-        raise ValueError("resume=True needs a journal (journal='run.sqlite')")
-    if output is None:
-        output = "files" if log_dir is not None else "prefix"
-    if output not in ("files", "prefix", "inherit", "null"):
-        raise ValueError(f"output must be 'files', 'prefix', 'inherit' or 'null', got {output!r}")
-    if output == "files" and log_dir is None:
-        raise ValueError("output='files' needs log_dir")
-    if total is None and hasattr(tasks, "__len__"):
-        total = len(tasks)  # type: ignore[arg-type]
-    stopper = _halt.Halt.parse(halt)
-    if stopper is not None and stopper.pct is not None and total is None:
-        raise ValueError(f"halt={halt!r} is a percentage of the tasks, so it needs their number: pass total= (or a "
-                         "list of tasks)")
-    if isinstance(tasks, (list, tuple)):  # finite and already built: refuse colliding outputs up front
-        _check_output_collisions((i + 1, repr(t.name), t.outputs) for i, t in enumerate(tasks) if isinstance(t, Task))
-    if progress is None:
-        progress = not quiet and _progress.mode() != "plain"
 
+    ``cluster``: run on every GPU of a Ray cluster instead of this machine's (``"auto"``, an address
+    such as ``"ray://head:10001"`` or ``"10.0.0.1:6379"``; needs the ``ray`` extra). The tasks, the
+    journal and the report stay here; each node runs its share with the same dispatcher (Note
+    [Cluster runs] in gpufleet/cluster/__init__.py); ``devices`` must be ``"auto"`` there.
+    """
+    o = _Options(tasks, slots_per_device=slots_per_device, cpu_slots=cpu_slots, journal=journal, resume=resume,
+                 skip_existing=skip_existing, log_dir=log_dir, output=output, progress=progress, quiet=quiet,
+                 total=total, on_start=on_start, on_finish=on_finish, quarantine_after=quarantine_after,
+                 kill_grace=kill_grace, retry_backoff=retry_backoff, memory_poll=memory_poll,
+                 max_records=max_records, check=check, halt=halt)
+    if cluster is not None:
+        if devices not in ("auto", None):
+            raise ValueError(f"devices={devices!r} names GPUs of this machine; a cluster run uses every GPU of the "
+                             "cluster's nodes (leave devices='auto')")
+        from .cluster import _driver  # Note [Optional extras]: ray is checked there, before any work
+
+        return _driver.run(tasks, o, cluster)
+    return _run_local(tasks, o, _resolve_devices(devices))
+
+
+def _run_local(tasks, o: _Options, ordinals: list) -> RunReport:
     token = _core.random_token()[:12]
     pool = _core.make_pool(ordinals)
-    report = RunReport(pool, slots_per_device, max_records)
-    report.journal = None if journal is None else os.path.abspath(os.fspath(journal))
+    report = o.new_report(pool)
     it = iter(tasks)
-    keyed = journal is not None
-    state = {"seq": 0, "running": {}, "attempts": {}}
-    bar = _Progress(pool, slots_per_device, total) if progress else None
-
-    holder = {}
+    keyed = o.journal is not None
+    seq = itertools.count()
+    bar = _Progress(pool, o.slots_per_device, o.total) if o.progress else None
+    holder: dict = {}
+    pool_names = [f"cuda:{d.ordinal}" for d in pool]
+    handle = _Events(o, report, bar, _Later(holder), lambda ev: [pool_names[i] for i in ev.devices])
 
     def pull(n: int):
         try:
-            return _pull(n)
+            return [_as_task(t)._spec(next(seq), token, len(pool), keyed) for t in itertools.islice(it, n)]
         except KeyboardInterrupt:  # Ctrl-C while Python code ran: same policy as in the C++ loop
             holder["d"].interrupt()
             return []
 
-    def _pull(n: int):
-        out = []
-        for t in itertools.islice(it, n):
-            if not isinstance(t, Task):
-                if isinstance(t, (list, tuple)):
-                    t = Task(list(t))
-                else:
-                    raise TypeError(f"tasks must yield gpufleet.Task objects or argv lists, got {t!r}")
-            out.append(t._spec(state["seq"], token, len(pool), keyed))
-            state["seq"] += 1
-        return out
-
-    pool_names = [f"cuda:{d.ordinal}" for d in pool]
-
-    def dev_names(ev) -> list:
-        return [pool_names[i] for i in ev.devices]
-
-    def record(ev, attempts: int) -> TaskRecord:
-        started = ev.kind in ("finished",) and ev.pid != 0
-        return TaskRecord(ev.seq, ev.name, ev.status, dev_names(ev), ev.slot if ev.kind == "finished" else None,
-                          ev.start if started else None, ev.end if started else None, attempts, ev.exit_code,
-                          ev.signal, ev.log_path or None, ev.message)
-
     def on_events(events) -> None:
         try:
-            _on_events(events)
+            handle(events)
         except KeyboardInterrupt:
             holder["d"].interrupt()
 
-    def _on_events(events) -> None:
-        for ev in events:
-            kind = ev.kind
-            if kind == "started":
-                state["running"][ev.seq] = (ev.name, dev_names(ev))
-                state["attempts"][ev.seq] = ev.attempt
-                if on_start is not None:
-                    on_start(TaskRecord(ev.seq, ev.name, "running", dev_names(ev), ev.slot, ev.start, None,
-                                        ev.attempt, None, None, ev.log_path or None, ""))
-            elif kind == "message":
-                report.messages.append(ev.message)
-                if bar is not None:
-                    bar.write(f"gpufleet: {ev.message}")
-                else:
-                    _log.warning("%s", ev.message)
-            else:
-                if kind == "finished":
-                    state["running"].pop(ev.seq, None)
-                    if ev.pid != 0 or ev.attempt:
-                        report._attempt(ev, dev_names(ev))
-                if kind == "finished" and not ev.final:
-                    continue
-                attempts = state["attempts"].pop(ev.seq, 0)
-                rec = record(ev, attempts)
-                report._final(rec)
-                if rec.status in ("failed", "timed_out") and bar is None and not quiet:
-                    _log.warning("task #%d %r %s: %s", rec.number, rec.name, rec.status, rec.message)
-                if stopper is not None and report.halted is None:
-                    when = stopper.update(rec, total)
-                    if when is not None:
-                        report.halted = stopper.describe(rec)
-                        report.halt_exit_status = stopper.exit_status
-                        (holder["d"].cancel if when == "now" else holder["d"].drain)()
-                if on_finish is not None:
-                    on_finish(rec)
-        if bar is not None:
-            bar.update(report.counts, state["running"])
+    def interrupt() -> None:
+        if "d" in holder:
+            holder["d"].interrupt()
+        else:
+            signal.default_int_handler(signal.SIGINT, None)
 
-    wake_r = wake_w = -1
-    old_wakeup = None
-    if threading.current_thread() is threading.main_thread():
-        wake_r, wake_w = os.pipe()
-        os.set_blocking(wake_w, False)
-        os.set_blocking(wake_r, False)
-        old_wakeup = signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
-    old_sigint = None
-    if wake_r >= 0 and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
-        # Ctrl-C never raises inside our callbacks (no half-recorded event): it goes to the drain/cancel policy.
-        old_sigint = signal.signal(signal.SIGINT, lambda signum, frame: holder["d"].interrupt() if "d" in holder
-                                   else signal.default_int_handler(signum, frame))
     try:
-        d = _core.Dispatcher(
-            ordinals, slots_per_device, cpu_slots or 0, quarantine_after, float(kill_grace), float(retry_backoff),
-            output, b"" if log_dir is None else os.fsencode(log_dir), b"" if journal is None else os.fsencode(journal),
-            bool(resume), bool(skip_existing), 0, float(memory_poll),
-            # a halt condition is checked before the next task starts: every event at once (_halt.py)
-            0.0 if stopper is not None else 0.1 if (bar or on_start or on_finish) else 0.25,
-            os.fsencode(" ".join(sys.argv)[:1000]), pull, on_events, wake_r)
-        holder["d"] = d
-        totals = d.run()
+        with _Interrupts(interrupt) as intr:
+            d = _core.Dispatcher(
+                ordinals, o.slots_per_device, o.cpu_slots or 0, o.quarantine_after, float(o.kill_grace),
+                float(o.retry_backoff), o.output, b"" if o.log_dir is None else os.fsencode(o.log_dir),
+                b"" if o.journal is None else os.fsencode(o.journal), bool(o.resume), bool(o.skip_existing), 0,
+                float(o.memory_poll), o.event_interval, os.fsencode(" ".join(sys.argv)[:1000]), pull, on_events,
+                intr.wake_fd)
+            holder["d"] = d
+            totals = d.run()
     finally:
         holder.clear()
-        if old_wakeup is not None:
-            signal.set_wakeup_fd(old_wakeup)
-        if old_sigint is not None:
-            signal.signal(signal.SIGINT, old_sigint)
-        for fd in (wake_r, wake_w):
-            if fd >= 0:
-                os.close(fd)
         report.finished = time.time()
         if bar is not None:
             bar.close()
-    if stopper is not None and report.halt_exit_status is None:
-        report.halt_exit_status = stopper.final_exit_status()
-    report.run_id = totals["run_id"]
-    report.drained = totals["drained"]
-    report.cancelled = totals["cancelled"]
     report.quarantined = [f"cuda:{pool[i].ordinal}" for i in totals["quarantined"]]
-    if report.attempts:
-        report.started = min(report.started, min(a.start for a in report.attempts))
-    report.tasks.sort(key=lambda t: t.seq)  # input order, as Executor.map and ray.get give results
-    if check and not report.ok:
-        raise RuntimeError(report.summary())
-    return report
+    return o.finish_report(report, totals)
+
+
+class _Later:
+    """``drain()``/``cancel()`` of the dispatcher that ``holder["d"]`` will hold."""
+
+    def __init__(self, holder: dict):
+        self.holder = holder
+
+    def drain(self) -> None:
+        self.holder["d"].drain()
+
+    def cancel(self) -> None:
+        self.holder["d"].cancel()

@@ -3,9 +3,10 @@ progress display of the package, ``_progress.Bar`` (Note [Progress modes])."""
 from __future__ import annotations
 
 import time
-from typing import Optional
+from typing import Callable, Optional
 
 from . import _devices, _progress
+from ._dispatch_report import device_label
 
 
 class _Progress:
@@ -23,8 +24,12 @@ class _Progress:
     started are separate counts, as in ``RunReport.counts`` and the summary.
     """
 
-    def __init__(self, pool, slots: int, total: Optional[int]):
+    def __init__(self, pool, slots: int, total: Optional[int], info: Optional[Callable[[], dict]] = None):
         self.pool = pool
+        self.names = [device_label(d) for d in pool]
+        # device name -> what discovery says of it now (free_memory, utilization); a cluster run passes
+        # its nodes' last samples (cluster/_driver.py)
+        self.read_info = info or (lambda: {f"cuda:{g.ordinal}": g for g in _devices.devices()})
         self.slots = slots
         self.total = total
         self.bar = _progress.Bar(total=total, desc="gpufleet", unit="task", status_lines=len(pool))
@@ -45,19 +50,19 @@ class _Progress:
         if self.pool and now - self.last_info > 1.0:
             self.last_info = now
             try:
-                self.info = {g.ordinal: g for g in _devices.devices()}
+                self.info = self.read_info()
             except Exception:  # progress must never break a run
                 self.info = {}
-        for i, d in enumerate(self.pool):
-            mine = [r for r in running.values() if f"cuda:{d.ordinal}" in r[1]]
-            g = self.info.get(d.ordinal)
+        for i, name in enumerate(self.names):
+            mine = [r for r in running.values() if name in r[1]]
+            g = self.info.get(name)
             extra = ""
             if g is not None and g.free_memory is not None:
                 extra += f"  free {_devices.format_memory_size(g.free_memory)}"
             if g is not None and g.utilization is not None:
                 extra += f"  util {g.utilization}%"
             names = ", ".join(r[0] for r in mine)[:60]
-            self.bar.set_line(i, f"cuda:{d.ordinal} [{len(mine)}/{self.slots}]{extra}  {names}")
+            self.bar.set_line(i, f"{name} [{len(mine)}/{self.slots}]{extra}  {names}")
         self.bar.refresh()
 
     def write(self, text: str) -> None:

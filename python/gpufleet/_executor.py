@@ -137,11 +137,13 @@ class _Recorder:
             if self.report is not None:
                 from ._dispatch import TaskRecord
 
+                from ._dispatch_report import node_of
+
                 devs = [device] if device != "cpu" else []
                 status = "succeeded" if error is None else "failed"
                 self.report._attempt(_Ev(seq, name, 1, slot, start, end, status), devs)
                 self.report._final(TaskRecord(seq, name, status, devs, slot, start, end, 1,
-                                              message="" if error is None else repr(error)))
+                                              message="" if error is None else repr(error), node=node_of(device)))
             if self.bar is not None:
                 self.bar.set_postfix_str(f"failed={self.failed}", refresh=False)
                 self.bar.update(1)
@@ -187,12 +189,16 @@ class GPUExecutor(Executor):
     with the remote traceback and the device named; a worker that dies fails the call it ran with
     ``WorkerDiedError`` (a ``BrokenProcessPool``) and is replaced; ``max_tasks_per_worker``
     recycles workers. On a machine without GPUs ``devices="cpu"`` with ``workers=N`` (or
-    ``max_workers=N``, ProcessPoolExecutor's name) runs N CPU workers (or simulate GPUs)."""
+    ``max_workers=N``, ProcessPoolExecutor's name) runs N CPU workers (or simulate GPUs).
+
+    ``cluster`` (``"auto"``, ``"ray://head:10001"``, ``"head:6379"``; the ``ray`` extra): the workers
+    are Ray actors, one per slot of every GPU of a Ray cluster, with the same contract (Note
+    [Executor on a cluster] in gpufleet/cluster/_executor.py)."""
 
     def __init__(self, devices: Any = "auto", slots_per_device: int = 1, initializer: Optional[Callable] = None,
                  initargs: tuple = (), max_tasks_per_worker: Optional[int] = None, *, workers: Optional[int] = None,
                  max_workers: Optional[int] = None, kill_grace: float = 5.0, progress: bool = False,
-                 report: bool = False):
+                 report: bool = False, cluster: Optional[str] = None):
         if workers is not None and max_workers is not None:
             raise TypeError("give workers or max_workers (the same thing), not both")
         n = _count(workers, "workers") if max_workers is None else _count(max_workers, "max_workers")
@@ -201,6 +207,13 @@ class GPUExecutor(Executor):
             raise ValueError(f"slots_per_device must be an int >= 1, got {slots_per_device!r}")
         if initializer is not None and not callable(initializer):
             raise TypeError(f"initializer must be callable, got {initializer!r}")
+        if cluster is not None:
+            if devices != "auto" or n is not None:
+                raise ValueError("GPUExecutor(cluster=...) runs slots_per_device workers on every GPU of the cluster: "
+                                 "leave devices='auto' and workers/max_workers unset")
+            self._cluster_engine(cluster, slots_per_device, initializer, initargs, max_tasks_per_worker, progress,
+                                 report)
+            return
         if devices == "cpu":
             pool = [("cpu", "")] * (n or os.cpu_count() or 1)
             slots_per_device = 1
@@ -235,6 +248,29 @@ class GPUExecutor(Executor):
         self._engine = _io.Engine(places, init=init, grace=kill_grace, max_tasks=max_tasks_per_worker,
                                   rebuild=_rebuild, prep=_preparation, record=self._recorder)
         # dropped without shutdown(): the engine finishes the queued calls and stops the workers
+        weakref.finalize(self, self._engine.shutdown, False)
+
+    def _cluster_engine(self, cluster, slots_per_device, initializer, initargs, max_tasks, progress, report) -> None:
+        from .cluster import _executor as _on_ray  # Note [Optional extras]: ray is checked there first
+
+        init = None
+        if initializer is not None:  # pickled once, here: one that cannot travel fails the constructor
+            init = _serialize.dumps_checked((initializer, tuple(initargs), {}),
+                                            "the initializer and initargs of GPUExecutor()")
+        self._recorder = None
+        recorder_box: list = []
+        self._engine = _on_ray.RayEngine(cluster, slots_per_device, init=init, max_tasks=max_tasks, rebuild=_rebuild,
+                                         record=lambda *a: recorder_box[0](*a) if recorder_box else None)
+        if progress or report:
+            from ._dispatch import RunReport
+
+            bar = None
+            if progress:
+                from ._progress import Bar
+
+                bar = Bar(unit="call", desc="gpufleet executor")  # Note [Progress modes]
+            self._recorder = _Recorder(RunReport(self._engine.pool(), slots_per_device, 100_000), bar)
+            recorder_box.append(self._recorder)
         weakref.finalize(self, self._engine.shutdown, False)
 
     # ---- the Executor interface ---------------------------------------------------------------

@@ -116,13 +116,7 @@ class Engine:
 
     # ---- called from user threads -------------------------------------------------------------
     def check(self) -> None:
-        """Raises what ``submit`` raises on a broken or shut-down executor."""
-        if self.broken is not None:
-            raise BrokenGPUExecutor(str(self.broken))
-        if _global_shutdown:
-            raise RuntimeError("cannot schedule new futures after interpreter shutdown")
-        if self.shutting:
-            raise RuntimeError("cannot schedule new futures after shutdown")
+        refuse_if_closed(self)
 
     def put(self, calls: list) -> None:
         with self.lock:
@@ -159,11 +153,7 @@ class Engine:
         with self.lock:
             dropped = list(self.queue)
             self.queue.clear()
-        for c in dropped:
-            if isinstance(c.sink, Future):
-                c.sink.cancel()
-            elif c.sink is not None:
-                c.sink.cancelled = True
+        cancel_calls(dropped)
 
     def kill(self) -> None:
         """The kill sequence on every worker now (Ctrl-C, interpreter exit interrupted): queued calls
@@ -594,3 +584,23 @@ def _at_exit() -> None:
 
 
 threading._register_atexit(_at_exit)
+
+
+def refuse_if_closed(engine) -> None:
+    """Raises what ``submit`` raises on a broken or shut-down executor (this engine, or the cluster's:
+    gpufleet/cluster/_executor.py)."""
+    if engine.broken is not None:
+        raise BrokenGPUExecutor(str(engine.broken))
+    if _global_shutdown:
+        raise RuntimeError("cannot schedule new futures after interpreter shutdown")
+    if engine.shutting:
+        raise RuntimeError("cannot schedule new futures after shutdown")
+
+
+def cancel_calls(calls: list) -> None:
+    """Cancels calls that were never handed to a worker (their futures, or their map job's slots)."""
+    for c in calls:
+        if isinstance(c.sink, Future):
+            c.sink.cancel()
+        elif c.sink is not None:
+            c.sink.cancelled = True

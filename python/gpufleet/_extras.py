@@ -12,6 +12,9 @@ else is an extra named in pyproject.toml and in the README:
 - ``onnx``: ONNX Runtime, to validate ``gpufleet.onnx.providers`` against the installed build;
 - ``notebook``: ipywidgets, for progress widgets in Jupyter (without it: plain lines);
 - ``examples``: what ``examples/`` imports (OpenCV, scikit-learn, matplotlib);
+- ``ray``: Ray, for the ``cluster=`` argument of ``run``, ``GPUExecutor``, ``spawn`` and
+  ``Pipeline.gpu``, ``gpufleet run --cluster`` and ``gpufleet info --cluster`` (gpufleet/cluster/);
+  without a ``cluster=`` Ray is never imported;
 - ``all``: every one of them.
 
 A feature asked for without its extra fails **before any work starts**: the check sits where the
@@ -34,6 +37,7 @@ EXTRAS: dict[str, tuple[str, ...]] = {
     "onnx": ("onnxruntime",),
     "notebook": ("ipywidgets",),
     "examples": ("cv2", "sklearn", "matplotlib"),
+    "ray": ("ray",),
 }
 
 

@@ -72,6 +72,7 @@ class _Spec:
     factory: Optional[bool] = None
     to_device: bool = False
     queue_size: Optional[int] = None
+    cluster: Optional[str] = None  # .gpu(cluster=...): replicas on a Ray cluster (gpufleet/cluster/_pipeline.py)
 
 
 def _check_int(value, name: str, minimum: int = 1) -> int:
@@ -295,7 +296,7 @@ class Pipeline:
 
     def gpu(self, fn_or_factory: Callable, *, devices: Any = "auto", replicas_per_device: int = 1,
             factory: Optional[bool] = None, to_device: bool = False, name: Optional[str] = None,
-            queue_size: Optional[int] = None) -> "Pipeline":
+            queue_size: Optional[int] = None, cluster: Optional[str] = None) -> "Pipeline":
         """A device stage: one worker thread per replica per device. With a factory (a callable
         whose first parameter is named ``device``, or ``factory=True``) each replica calls
         ``factory(device)`` once, in its own thread, and uses the returned callable for every batch:
@@ -304,11 +305,20 @@ class Pipeline:
         list. With ``to_device=True`` each batch (an array, a DLPack object or a gpufleet Tensor) reaches
         the function as a gpufleet Tensor on the replica's device, staged through a pinned host buffer
         per replica for a GPU (see Note [Staging batches]). Outputs pass through as returned (NumPy,
-        torch, gpufleet or DLPack tensors)."""
+        torch, gpufleet or DLPack tensors). ``cluster`` (``"auto"``, ``"ray://head:10001"``,
+        ``"head:6379"``; the ``ray`` extra) puts the replicas on every GPU of a Ray cluster as Ray actors
+        (Note [Pipeline stages on a cluster] in gpufleet/cluster/_pipeline.py)."""
         if not callable(fn_or_factory):
             raise TypeError(f"gpu() takes a function or a factory, got {fn_or_factory!r}")
         _check_int(replicas_per_device, "replicas_per_device")
         is_factory = _is_factory(fn_or_factory) if factory is None else bool(factory)
+        if cluster is not None:
+            from .cluster import _pipeline as _on_ray  # Note [Optional extras]: ray is checked there first
+
+            workers = _on_ray.plan(cluster, replicas_per_device, devices)
+            return self._add(_Spec("gpu", name or f"gpu:{_fn_name(fn_or_factory)}", fn=fn_or_factory, workers=workers,
+                                   devices=([], ""), replicas_per_device=replicas_per_device, factory=is_factory,
+                                   to_device=bool(to_device), queue_size=queue_size, cluster=cluster))
         devs, note = _resolve_devices(devices)
         return self._add(_Spec("gpu", name or f"gpu:{_fn_name(fn_or_factory)}", fn=fn_or_factory,
                                workers=len(devs) * replicas_per_device, devices=(devs, note),
@@ -360,8 +370,9 @@ class _Stage:
         self.stats = stats
         self.in_q = in_q
         self.out_q = out_q
-        self.pool = None  # a GPUExecutor(devices="cpu") for map(processes=True)
+        self.pool = None  # a GPUExecutor(devices="cpu") for map(processes=True); (cluster=...) for gpu(cluster=...)
         self.fn_ref = None  # its function, pickled once
+        self.cluster_devices = None  # gpu(cluster=...): (its replicas by node and device, a note) for the report
 
 
 class _Run:
@@ -798,7 +809,12 @@ class _Run:
 
                     s.pool = GPUExecutor(devices="cpu", workers=s.spec.workers)
                     s.fn_ref = s.pool._prepare(s.spec.fn)  # pickled once for the run
-                if s.spec.kind == "gpu":
+                if s.spec.kind == "gpu" and s.spec.cluster is not None:
+                    from .cluster import _pipeline as _on_ray
+
+                    s.pool, s.fn_ref = _on_ray.start(s.spec.cluster, s.spec.replicas_per_device, s.spec.fn,
+                                                     bool(s.spec.factory), s.spec.to_device)
+                elif s.spec.kind == "gpu":
                     s.devices = s.spec.devices[0]  # worker w runs on devices[w // replicas_per_device]
                     gpu_devices += [d for d in s.spec.devices[0] if d.type == "cuda"]
             monitor.start()
@@ -868,6 +884,10 @@ class _Run:
     def _shutdown_pools(self):
         for s in self.stages:
             if s.pool is not None:
+                if s.spec.kind == "gpu":  # a cluster stage: its replicas by node and device, for the report
+                    from .cluster import _pipeline as _on_ray
+
+                    s.cluster_devices = _on_ray.describe(s.pool)
                 s.pool.shutdown(wait=True, cancel_futures=True)
                 s.pool = None
 
@@ -886,7 +906,7 @@ class _Run:
             workers = [s.stats.clock(w).totals() for w in range(s.stats.workers)]
             devs, note = ([], "")
             if s.spec.kind == "gpu":
-                devs, note = list(s.spec.devices[0]), s.spec.devices[1]
+                devs, note = s.cluster_devices or (list(s.spec.devices[0]), s.spec.devices[1])
             if s.spec.kind == "map" and s.spec.processes:
                 note = f"{s.spec.workers} spawned processes"
             reports.append(StageReport(

@@ -72,6 +72,28 @@ class ProcessExitedException(ProcessException):
         return type(self), self._args(), state
 
 
+def rank_failure(rank: int, device: str, pid: int, message: Optional[tuple], code: int) -> ProcessException:
+    """torch's exception for a rank that ended with ``code`` after sending ``message`` (its last word,
+    ("error", traceback) when it raised), with the device added where torch's own tests leave room
+    (they match the traceback's last line at the very end, so the device goes in the header)."""
+    where = f"{device}, pid {pid}"
+    if message is not None and message[0] == "error":
+        exc: ProcessException = ProcessRaisedException(
+            f"\n\n-- Process {rank} ({where}) terminated with the following error:\n{message[1]}", rank, pid)
+    elif code < 0:
+        import signal
+
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = f"signal {-code}"
+        exc = ProcessExitedException(f"process {rank} terminated with signal {name} ({where})", rank, pid, code, name)
+    else:
+        exc = ProcessExitedException(f"process {rank} terminated with exit code {code} ({where})", rank, pid, code)
+    exc.device = device
+    return exc
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     """A TCP port free right now on ``host`` (the kernel's choice, so two jobs never pick the same)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
@@ -159,27 +181,7 @@ class SpawnContext:
         for other in self._ranks:
             other.done = True
         self._close()
-        # torch's messages, with the device added where torch's own tests leave room (they match the
-        # traceback's last line at the very end, so the device goes in the header)
-        where = f"{r.device}, pid {r.proc.pid}"
-        if r.message is not None and r.message[0] == "error":
-            exc: ProcessException = ProcessRaisedException(
-                f"\n\n-- Process {r.rank} ({where}) terminated with the following error:\n{r.message[1]}", r.rank,
-                r.proc.pid)
-        elif code < 0:
-            import signal
-
-            try:
-                name = signal.Signals(-code).name
-            except ValueError:
-                name = f"signal {-code}"
-            exc = ProcessExitedException(f"process {r.rank} terminated with signal {name} ({where})", r.rank,
-                                         r.proc.pid, code, name)
-        else:
-            exc = ProcessExitedException(f"process {r.rank} terminated with exit code {code} ({where})", r.rank,
-                                         r.proc.pid, code)
-        exc.device = r.device
-        raise exc
+        raise rank_failure(r.rank, r.device, r.proc.pid, r.message, code)
 
     def _close(self) -> None:
         if not self._closed:
@@ -191,14 +193,28 @@ class SpawnContext:
 
 
 def spawn(fn: Callable, args: tuple = (), nprocs: Optional[int] = None, devices: Any = "auto", join: bool = True,
-          master_port: Optional[int] = None, master_addr: str = "127.0.0.1", kill_grace: float = 5.0):
+          master_port: Optional[int] = None, master_addr: str = "127.0.0.1", kill_grace: float = 5.0,
+          cluster: Optional[str] = None):
     """Runs ``fn(rank, *args)`` in one fresh process per device, with ``RANK``, ``LOCAL_RANK``,
     ``WORLD_SIZE``, ``LOCAL_WORLD_SIZE``, ``MASTER_ADDR``, ``MASTER_PORT`` (a free port when none is
     given) and ``CUDA_VISIBLE_DEVICES`` (that rank's GPU) set before it starts; ``fn`` may be a
     lambda or a function from ``__main__`` or a notebook (Note [Callables by value]). Failures as
     ``torch.multiprocessing.spawn`` reports them (see the module's docstring). ``join=False``
-    returns a ``SpawnContext``. ``devices="cpu"`` runs ``nprocs`` ranks without GPUs."""
+    returns a ``SpawnContext``. ``devices="cpu"`` runs ``nprocs`` ranks without GPUs.
+
+    ``cluster`` (``"auto"``, ``"ray://head:10001"``, ``"head:6379"``; the ``ray`` extra): the ranks go
+    to GPUs of a Ray cluster, one each (``nprocs`` defaults to all of them), placed by Ray, with
+    ``MASTER_ADDR`` and ``MASTER_PORT`` those of rank 0's node (Note [Ranks on a cluster] in
+    gpufleet/cluster/_spawn.py)."""
     from ._executor import _pool, _preparation
+
+    if cluster is not None:
+        if devices != "auto" or master_addr != "127.0.0.1":
+            raise ValueError("spawn(cluster=...) places the ranks on the cluster's GPUs, with MASTER_ADDR rank 0's "
+                             "node: leave devices='auto' and master_addr unset")
+        from .cluster import _spawn as _on_ray  # Note [Optional extras]: ray is checked there first
+
+        return _on_ray.spawn(fn, args, nprocs, join, master_port, kill_grace, cluster)
 
     if devices == "cpu":
         if isinstance(nprocs, bool) or not isinstance(nprocs, int) or nprocs < 1:

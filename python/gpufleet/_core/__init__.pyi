@@ -7,7 +7,7 @@ import collections.abc
 import numpy
 import typing
 from . import pipeline
-__all__: list[str] = ['BuildInfo', 'CudaError', 'Device', 'DeviceInfo', 'DeviceSelectionError', 'DeviceSelectionTimeout', 'Dispatcher', 'Event', 'GpuProcess', 'KernelBuffer', 'PoolDevice', 'Stream', 'Supervisor', 'TaskEvent', 'TaskSpec', 'Tensor', 'Topology', 'as_device', 'as_dtype', 'broadcast', 'build_info', 'cat', 'chunk_sizes', 'clear_simulated_gpus', 'current_stream', 'default_stream', 'device_count', 'devices', 'discover', 'dtype', 'dtype_bfloat16', 'dtype_bool', 'dtype_float16', 'dtype_float32', 'dtype_float64', 'dtype_int16', 'dtype_int32', 'dtype_int64', 'dtype_int8', 'dtype_uint8', 'empty', 'empty_cache', 'explain_selection', 'format_memory_size', 'from_numpy', 'full', 'gather', 'init_journal', 'initial_seed', 'kill_marked_processes', 'make_gpu_process', 'make_pool', 'manual_seed', 'memory_stats', 'parse_memory_size', 'parse_simulated_gpus', 'parse_visible_devices', 'pci_bus_key', 'pipeline', 'random_token', 'random_u64', 'reset_peak_memory_stats', 'scatter', 'seed', 'select_devices', 'set_simulated_gpus', 'simulation_origin', 'synchronize', 'update_simulated_gpu']
+__all__: list[str] = ['BuildInfo', 'CudaError', 'Device', 'DeviceInfo', 'DeviceSelectionError', 'DeviceSelectionTimeout', 'Dispatcher', 'Event', 'GpuProcess', 'Journal', 'KernelBuffer', 'PoolDevice', 'Stream', 'Supervisor', 'TaskEvent', 'TaskSpec', 'Tensor', 'Topology', 'as_device', 'as_dtype', 'broadcast', 'build_info', 'cat', 'chunk_sizes', 'clear_simulated_gpus', 'current_stream', 'default_stream', 'device_count', 'devices', 'discover', 'dtype', 'dtype_bfloat16', 'dtype_bool', 'dtype_float16', 'dtype_float32', 'dtype_float64', 'dtype_int16', 'dtype_int32', 'dtype_int64', 'dtype_int8', 'dtype_uint8', 'empty', 'empty_cache', 'explain_selection', 'format_memory_size', 'from_numpy', 'full', 'gather', 'init_journal', 'initial_seed', 'kill_marked_processes', 'make_gpu_process', 'make_pool', 'manual_seed', 'memory_stats', 'parse_memory_size', 'parse_simulated_gpus', 'parse_visible_devices', 'pci_bus_key', 'pipeline', 'random_token', 'random_u64', 'reset_peak_memory_stats', 'scatter', 'seed', 'select_devices', 'set_simulated_gpus', 'simulation_origin', 'synchronize', 'update_simulated_gpu']
 class CudaError(RuntimeError):
     pass
 class DeviceSelectionError(RuntimeError):
@@ -421,7 +421,7 @@ class PoolDevice:
     def visible_id(self) -> str:
         ...
 class Dispatcher:
-    def __init__(self, devices: collections.abc.Sequence[typing.SupportsInt | typing.SupportsIndex], slots_per_device: typing.SupportsInt | typing.SupportsIndex, cpu_slots: typing.SupportsInt | typing.SupportsIndex, quarantine_after: typing.SupportsInt | typing.SupportsIndex, kill_grace: typing.SupportsFloat | typing.SupportsIndex, retry_backoff: typing.SupportsFloat | typing.SupportsIndex, output: str, log_dir: str, journal: str, resume: bool, skip_existing: bool, lookahead: typing.SupportsInt | typing.SupportsIndex, memory_poll: typing.SupportsFloat | typing.SupportsIndex, event_interval: typing.SupportsFloat | typing.SupportsIndex, description: str, pull: collections.abc.Callable, on_events: collections.abc.Callable, wake_fd: typing.SupportsInt | typing.SupportsIndex = -1, memory: typing.Any = None, keep_open: bool = False) -> None:
+    def __init__(self, devices: collections.abc.Sequence[typing.SupportsInt | typing.SupportsIndex], slots_per_device: typing.SupportsInt | typing.SupportsIndex, cpu_slots: typing.SupportsInt | typing.SupportsIndex, quarantine_after: typing.SupportsInt | typing.SupportsIndex, kill_grace: typing.SupportsFloat | typing.SupportsIndex, retry_backoff: typing.SupportsFloat | typing.SupportsIndex, output: str, log_dir: str, journal: str, resume: bool, skip_existing: bool, lookahead: typing.SupportsInt | typing.SupportsIndex, memory_poll: typing.SupportsFloat | typing.SupportsIndex, event_interval: typing.SupportsFloat | typing.SupportsIndex, description: str, pull: collections.abc.Callable, on_events: collections.abc.Callable, wake_fd: typing.SupportsInt | typing.SupportsIndex = -1, memory: typing.Any = None, keep_open: bool = False, run_id: str = '') -> None:
         ...
     def cancel(self) -> None:
         ...
@@ -466,6 +466,24 @@ class Supervisor:
         ...
     @property
     def pidfd(self) -> int:
+        ...
+class Journal:
+    def __init__(self, path: str) -> None:
+        ...
+    def begin_run(self, run_id: str, description: str) -> None:
+        ...
+    def end_run(self, run_id: str, status: str) -> None:
+        ...
+    def lookup(self, key: str) -> tuple[str, float] | None:
+        """
+        (state, start of its last attempt) of the task with this key, or None
+        """
+    def record_finish(self, task: TaskSpec, attempt: typing.SupportsInt | typing.SupportsIndex, devices: str, slot: typing.SupportsInt | typing.SupportsIndex, start: typing.SupportsFloat | typing.SupportsIndex, end: typing.SupportsFloat | typing.SupportsIndex, status: str, exit_code: typing.SupportsInt | typing.SupportsIndex | None, signal: typing.SupportsInt | typing.SupportsIndex | None, final: bool, log_path: str, message: str, run_id: str) -> None:
+        ...
+    def record_start(self, task: TaskSpec, attempt: typing.SupportsInt | typing.SupportsIndex, devices: str, slot: typing.SupportsInt | typing.SupportsIndex, start: typing.SupportsFloat | typing.SupportsIndex, log_path: str, run_id: str) -> None:
+        ...
+    @property
+    def path(self) -> str:
         ...
 class KernelBuffer:
     """

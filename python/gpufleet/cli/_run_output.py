@@ -27,7 +27,7 @@ def command_line(task, job_slot: str = "1") -> str:
 
 class JobLog:
     """GNU parallel's ``--joblog``: a header, then one line per task that ran, as it ends: ``Seq`` (the
-    task number, ``{#}``), ``Host`` (``:``, this machine), ``Starttime`` (Unix time, 3 decimals),
+    task number, ``{#}``), ``Host`` (``:``, this machine; on a cluster the task's node), ``Starttime`` (Unix time, 3 decimals),
     ``JobRuntime`` (seconds, ``%10.3f``), ``Send``/``Receive`` (0: no transfer), ``Exitval``
     (-1 for a timeout or a cancel, as parallel writes for a killed job), ``Signal`` and the
     ``Command`` (newlines written as NUL, as parallel does). With retries, the last attempt."""
@@ -68,8 +68,8 @@ class JobLog:
         else:
             exitval = -1 if rec.status in ("timed_out", "cancelled") else 0
         cmd = command_line(task, self._job_slot(rec)).replace("\n", "\0")
-        self._write("\t".join([str(rec.number), ":", f"{start:.3f}", f"{runtime:10.3f}", "0", "0", str(exitval),
-                               str(rec.signal or 0), cmd]))
+        self._write("\t".join([str(rec.number), rec.node or ":", f"{start:.3f}", f"{runtime:10.3f}", "0", "0",
+                               str(exitval), str(rec.signal or 0), cmd]))
 
     def close(self) -> None:
         if self.f is not sys.stdout.buffer:

@@ -22,6 +22,9 @@ def register(sub) -> None:
     p.add_argument("--watch", nargs="?", type=float, const=2.0, default=None, metavar="SECONDS",
                    help="refresh every SECONDS (default 2) until Ctrl-C")
     p.add_argument("--count", type=int, default=None, metavar="N", help="with --watch: stop after N refreshes")
+    p.add_argument("--cluster", default=None, metavar="ADDRESS",
+                   help="every node of a Ray cluster and its GPUs ('auto', 'ray://head:10001', 'head:6379'; needs "
+                        "gpufleet[ray])")
     p.set_defaults(func=run)
 
 
@@ -183,6 +186,8 @@ def _render_all(info: dict) -> str:
 
 
 def run(args) -> int:
+    if args.cluster is not None:
+        return _cluster(args)
     if args.watch is None:
         info = info_dict()
         if args.json:
@@ -193,3 +198,28 @@ def run(args) -> int:
         return 0
     _watch.check(args.watch, args.count)
     return _watch.watch(info_dict, _render_all, "gpufleet info", args.watch, args.count, args.json)
+
+
+def _cluster(args) -> int:
+    from .._extras import require
+
+    if args.watch is not None:
+        raise ValueError("--watch refreshes this machine's table; with --cluster, run it on the node to watch")
+    try:
+        require("ray", "ray", "gpufleet info --cluster")
+    except ImportError as e:
+        print(f"gpufleet info: {e}", file=sys.stderr)
+        return 2
+    from ..cluster import _info
+
+    try:
+        nodes = _info.cluster_info(args.cluster)
+    except ConnectionError as e:
+        print(f"gpufleet info: {e}", file=sys.stderr)
+        return 2
+    if args.json:
+        json.dump(nodes, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+    else:
+        print(_info.render(nodes))
+    return 0

@@ -68,7 +68,15 @@ def register(sub) -> None:
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--nproc-per-node", "--nproc_per_node", default="gpu",
                    help="processes on this node: a number, or 'gpu' (one per visible GPU; default)")
-    p.add_argument("--nnodes", type=int, default=1)
+    p.add_argument("--nnodes", type=int, default=None, help="nodes of the job (default 1; with --cluster, every "
+                   "node with --nproc-per-node GPUs)")
+    p.add_argument("--cluster", default=None, metavar="ADDRESS",
+                   help="place the ranks on a Ray cluster ('auto', 'ray://head:10001', 'head:6379'; needs gpufleet[ray]): "
+                        "Ray picks the nodes, MASTER_ADDR/MASTER_PORT are rank 0's; the script and --log-dir must be "
+                        "on a file system every node shares")
+    p.add_argument("--env", action="append", default=[], metavar="NAME",
+                   help="with --cluster: pass this variable of the launcher's environment to every rank (ranks "
+                        "otherwise see their own node's environment, as GNU parallel's --env; repeatable)")
     p.add_argument("--node-rank", "--node_rank", type=int, default=0)
     p.add_argument("--master-addr", "--master_addr", default="127.0.0.1")
     p.add_argument("--master-port", "--master_port", type=int, default=None,
@@ -210,6 +218,13 @@ def _nproc(args, pool) -> int:
 
 
 def main(args) -> int:
+    if args.cluster is not None:
+        return _cluster(args)
+    if args.env:
+        print("gpufleet launch: --env applies to --cluster (local ranks inherit this environment)", file=sys.stderr)
+        return 2
+    if args.nnodes is None:
+        args.nnodes = 1
     pool = _core.make_pool(_resolve_devices(args.devices))
     try:
         nproc = _nproc(args, pool)
@@ -293,3 +308,40 @@ def main(args) -> int:
         return 1
     finally:
         sup.close()
+
+
+def _cluster(args) -> int:
+    """--cluster: Note [Ranks on a cluster] (gpufleet/cluster/_spawn.py)."""
+    from .._extras import require
+
+    refused = [flag for flag, given in (("--node-rank", args.node_rank), ("--redirects", args.redirects),
+                                        ("--tee", args.tee), ("--local-ranks-filter", args.local_ranks_filter),
+                                        ("--master-addr", args.master_addr != "127.0.0.1"))
+               if given]
+    if args.devices != "auto":
+        refused.append("--devices")
+    missing = [name for name in args.env if name not in os.environ]
+    if missing:
+        print(f"gpufleet launch: --env {missing[0]}: no such variable in this environment", file=sys.stderr)
+        return 2
+    if refused:
+        print(f"gpufleet launch: {', '.join(refused)} cannot be used with --cluster (Ray places every rank; each "
+              "rank's output goes to its log files and, prefixed, to this console)", file=sys.stderr)
+        return 2
+    if args.nproc_per_node != "gpu" and not (args.nproc_per_node.isdigit() and int(args.nproc_per_node) >= 1):
+        print(f"gpufleet launch: --nproc-per-node must be a number >= 1 or 'gpu', got {args.nproc_per_node!r}",
+              file=sys.stderr)
+        return 2
+    try:
+        require("ray", "ray", "gpufleet launch --cluster")
+    except ImportError as e:
+        print(f"gpufleet launch: {e}", file=sys.stderr)
+        return 2
+    from ..cluster import _spawn as _on_ray
+
+    script = args.script if args.no_python and os.sep not in args.script else os.path.abspath(args.script)
+    try:  # a Python script runs with each node's own interpreter (the host's sys.executable)
+        return _on_ray.launch(args, [script] + list(args.script_args), python=not args.no_python)
+    except (ValueError, RuntimeError, ConnectionError) as e:
+        print(f"gpufleet launch: {e}", file=sys.stderr)
+        return 2

@@ -31,6 +31,9 @@ def register(sub) -> None:
     p = sub.add_parser("run", help="run a command for every input on the GPUs (GNU parallel style)",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--devices", default="auto", help="'auto' (every visible GPU), or a list such as '0,2'")
+    p.add_argument("--cluster", default=None, metavar="ADDRESS",
+                   help="run on every GPU of a Ray cluster: 'auto', 'ray://head:10001' or 'head:6379' (needs "
+                        "gpufleet[ray]; the journal, logs and outputs must be where every node sees them)")
     p.add_argument("--slots", type=int, default=None, help="tasks at a time per GPU (default 1)")
     p.add_argument("-j", "--jobs", default=None, metavar="N",
                    help="tasks at a time in all (GNU parallel's job slots): --gpus 0 runs N CPU tasks (N, or N%%, "
@@ -157,6 +160,17 @@ def main(args) -> int:
                      f"source{'s' if n != 1 else ''} (::: lists, :::: files, -a files; --colsep for columns)")
     if args.jobs is not None and args.slots is not None:
         return _fail("give -j (tasks at a time in all) or --slots (per GPU), not both")
+    if args.cluster is not None and not args.dry_run:
+        if args.jobs is not None:
+            return _fail("-j counts this machine's slots; with --cluster give --slots (tasks at a time per GPU of "
+                         "every node) or --cpu-slots (CPU tasks at a time per node)")
+        if args.devices != "auto":
+            return _fail(f"--devices {args.devices} names GPUs of this machine; --cluster uses every GPU of the "
+                         "cluster's nodes")
+        try:  # before any task runs (Note [Optional extras])
+            _extras.require("ray", "ray", "gpufleet run --cluster")
+        except ImportError as e:
+            return _fail(str(e))
     if args.timeline and not args.dry_run:
         try:  # before any task runs (Note [Optional extras])
             _extras.require("matplotlib", "plot", "gpufleet run --timeline")
@@ -177,7 +191,7 @@ def main(args) -> int:
                                           missing_ok=args.colsep is not None)
         slots, cpu_slots = args.slots or 1, args.cpu_slots
         if args.jobs is not None:
-            jobs = _jobs(args.jobs, args.gpus, len(_dispatch._resolve_devices(args.devices)))
+            jobs = _jobs(args.jobs, args.gpus, 1 if args.cluster else len(_dispatch._resolve_devices(args.devices)))
             if args.gpus == 0:
                 cpu_slots = jobs
             else:
@@ -186,7 +200,7 @@ def main(args) -> int:
             _print_dry_run(tasks)
             return 0
         report = _execute(args, tasks, total, slots, cpu_slots)
-    except (ValueError, TypeError) as e:
+    except (ValueError, TypeError, ConnectionError) as e:  # ConnectionError: --cluster's address
         return _fail(str(e))
     if args.trace:
         report.to_chrome_trace(args.trace)
@@ -205,7 +219,7 @@ def main(args) -> int:
 
 
 def _execute(args, tasks, total: Optional[int], slots: int, cpu_slots: Optional[int]):
-    pool = [f"cuda:{o}" for o in _dispatch._resolve_devices(args.devices)]
+    pool = [] if args.cluster else [f"cuda:{o}" for o in _dispatch._resolve_devices(args.devices)]
     joblog = JobLog(args.joblog, (pool, slots)) if args.joblog else None
     keep = KeepOrder(args.log_dir) if args.keep_order else None
     if joblog is not None:
@@ -224,7 +238,7 @@ def _execute(args, tasks, total: Optional[int], slots: int, cpu_slots: Optional[
                                log_dir=keep.log_dir if keep is not None else args.log_dir, total=total,
                                progress=args.progress, quiet=args.quiet, quarantine_after=args.quarantine_after,
                                kill_grace=args.kill_grace, halt=args.halt,
-                               on_finish=on_finish if (joblog or keep) else None)
+                               on_finish=on_finish if (joblog or keep) else None, cluster=args.cluster)
     finally:
         if joblog is not None:
             joblog.close()
