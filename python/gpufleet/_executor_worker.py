@@ -69,6 +69,25 @@ def _run_rank(chan, rank: int, payload) -> None:
     chan.send(("ok",))
 
 
+def _flush_log_queues(logger) -> None:
+    """What the worker just logged through a ``QueueHandler`` onto a multiprocessing queue is in the
+    queue's pipe before the parent hears of the failure (and breaks the executor at once): a
+    multiprocessing queue's feeder thread writes later, and CPython's worker gets the same guarantee
+    from exiting before its pool breaks. The worker is about to exit, so the queue is closed."""
+    import logging.handlers
+
+    while logger is not None:
+        for h in logger.handlers:
+            q = getattr(h, "queue", None) if isinstance(h, logging.handlers.QueueHandler) else None
+            if q is not None and hasattr(q, "join_thread"):
+                try:
+                    q.close()
+                    q.join_thread()
+                except Exception:  # noqa: BLE001 - a queue in a state of its own: the record may be lost, as before
+                    pass
+        logger = logger.parent if logger.propagate else None
+
+
 def _serve(chan, payload) -> None:
     """executor: the initializer, then frames until ``stop`` or the parent goes away."""
     from . import _serialize
@@ -81,6 +100,7 @@ def _serve(chan, payload) -> None:
         except BaseException as e:  # noqa: BLE001
             # as ProcessPoolExecutor's worker does: logged here, and the parent breaks the executor
             logging.getLogger("concurrent.futures").critical("Exception in initializer:", exc_info=True)
+            _flush_log_queues(logging.getLogger("concurrent.futures"))
             chan.send(("init_error",) + _exc_payload(e))
             return
         finally:
