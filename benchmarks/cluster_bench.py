@@ -167,6 +167,19 @@ def makespan(ray, address: str) -> None:
     print(f"   gpufleet.run(cluster=) makespan {report.wall_time:.2f} s = {report.wall_time / bound:.3f}x the bound "
           f"(call to return: {wall:.2f} s)")
     print(f"   plain Ray tasks (max_calls=0) {ray_wall:.2f} s = {ray_wall / bound:.3f}x the bound")
+    # Where the excess goes: the GPUs' idle time between gpufleet's tasks (its scheduling: round trips,
+    # launches) against the time the tasks took beyond their nominal sleeps (fork, exec and exit of
+    # `sleep` on these cores, which the bound does not count).
+    by_gpu: dict = {}
+    for a in report.attempts:
+        by_gpu.setdefault(a.devices[0], []).append((a.start, a.end))
+    idle = [sum(b[0] - a[1] for a, b in zip(xs, xs[1:])) for xs in map(sorted, by_gpu.values())]
+    last = max(a.end for a in report.attempts)
+    tail = [last - max(e for _, e in xs) for xs in by_gpu.values()]  # done while a long task still runs
+    extra = sum(a.end - a.start for a in report.attempts) - sum(order)
+    print(f"   per GPU: idle between tasks {min(idle):.3f}-{max(idle):.3f} s, idle at the end {min(tail):.2f}-"
+          f"{max(tail):.2f} s; the tasks ran {extra / GPUS:.2f} s per GPU beyond their nominal durations "
+          f"({1e3 * extra / len(order):.1f} ms a task)")
 
 
 def oom_events(runs: list) -> int:
