@@ -183,6 +183,11 @@ class SpawnContext:
         self._close()
         raise rank_failure(r.rank, r.device, r.proc.pid, r.message, code)
 
+    def _stop(self) -> None:
+        """Every rank gets the kill sequence (Ctrl-C while ``spawn`` joins)."""
+        stop_group(self.processes, self._grace)
+        self._close()
+
     def _close(self) -> None:
         if not self._closed:
             self._closed = True
@@ -252,14 +257,18 @@ def spawn(fn: Callable, args: tuple = (), nprocs: Optional[int] = None, devices:
             r.close()
         sup.close()
         raise
-    ctx = SpawnContext(ranks, sup, kill_grace)
+    return joined(SpawnContext(ranks, sup, kill_grace), join)
+
+
+def joined(ctx, join: bool):
+    """``spawn``'s ending, local or on a cluster: the context itself (``join=False``), or None once
+    every rank ended well; a Ctrl-C while joining stops every rank (``ctx._stop()``)."""
     if not join:
         return ctx
     try:
         while not ctx.join():
             pass
     except KeyboardInterrupt:
-        stop_group(ctx.processes, kill_grace)
-        ctx._close()
+        ctx._stop()
         raise
     return None

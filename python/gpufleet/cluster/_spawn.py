@@ -25,7 +25,7 @@ import time
 from typing import Any, Callable, Optional
 
 from .. import _serialize
-from .._spawn_api import ProcessExitedException, free_port, rank_failure
+from .._spawn_api import ProcessExitedException, free_port, joined, rank_failure
 from . import _ray
 
 START_TIMEOUT = 120.0
@@ -248,16 +248,7 @@ def spawn(fn: Callable, args: tuple, nprocs: Optional[int], join: bool, master_p
     except BaseException:
         group.close()
         raise
-    ctx = ClusterSpawnContext(group, pids)
-    if not join:
-        return ctx
-    try:
-        while not ctx.join():
-            pass
-    except KeyboardInterrupt:
-        ctx._stop()
-        raise
-    return None
+    return joined(ClusterSpawnContext(group, pids), join)
 
 
 def launch(args, cmd: list, python: bool) -> int:
