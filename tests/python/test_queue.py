@@ -288,9 +288,12 @@ def test_submit_with_input_sources_queues_a_job_per_input_expanded_as_run_expand
     assert [queue.job(j)["name"] for j in ids] == ["job x y", "job x y", "job z", "job z"]
     for argv in (["--output", "o.txt", "--", "cp", "{}", "{output}", ":::", "a", "b"],  # both write o.txt
                  ["--", "echo", "{%}", ":::", "a"], ["--", "echo", "{3}", ":::", "a", ":::", "b"],
-                 ["--", "echo", "{}", "::::", tmp_path / "missing", ":::", "a"], ["--", ":::", "a"]):
+                 ["--", "echo", "{}", "::::", tmp_path / "missing", ":::", "a"], ["--", ":::", "a"],
+                 ["--", "echo", "{}", ":::", "a", "x{output}.txt"]):  # the queue would fill that {output} in
         r = queue.gf("submit", *argv, cwd=tmp_path)
         assert r.returncode == 2 and r.stdout == "" and r.stderr.startswith("gpufleet submit: "), (argv, r)
+    assert "input 'x{output}.txt' (job 2) contains {output}" in queue.gf("submit", "--", "echo", "{}", ":::", "a",
+                                                                      "x{output}.txt", cwd=tmp_path).stderr
     assert "both write 'o.txt'" in queue.gf("submit", "--output", "o.txt", "--", "cp", "{}", "{output}", ":::", "a",
                                             "b", cwd=tmp_path).stderr
     assert sorted(j["id"] for j in queue.ls()) == ids  # the refused submits queued nothing

@@ -159,6 +159,7 @@ def cmd_submit(args) -> int:
 
 
 _SEPARATORS = (":::", ":::+", "::::", "::::+")  # cli/inputs.py's, without importing it for a single job
+_OUTPUT_WORD = re.compile(r"\{output\d*\}")  # what queue/runner.py fills in (_dispatch._sub_outputs)
 
 
 def _job(args, cmd, outputs, name, env) -> dict:
@@ -194,6 +195,11 @@ def _submit_each(args, words: list, env: dict) -> int:
                              "write, renamed to the output when the job succeeds)")
         jobs, claimed = [], {}
         for seq1, row in enumerate(_inputs.Inputs(sources).rows(), 1):
+            for v in row:  # the daemon fills {output} in a job's words: an input's own text must not hold one
+                m = _OUTPUT_WORD.search(v)
+                if m:
+                    raise ValueError(f"input {v!r} (job {seq1}) contains {m.group(0)}, which "
+                                     "the queue would replace with the job's output name; `gpufleet run` takes it")
             cmd = tpl.expand_command(template, row, seq1, "{output}", shell=args.shell)
             outputs = [tpl.expand(o, row, seq1, None) for o in args.output]
             for o in outputs:
