@@ -142,13 +142,14 @@ def cmd_submit(args) -> int:
         if not eq or not name:
             return _fail("submit", f"--env {item!r}: expected NAME=VALUE")
         env[name] = value
-    if any(w in _SEPARATORS for w in words):
+    command = words[:next((i for i, w in enumerate(words) if w in _SEPARATORS), len(words))]  # before any :::
+    if args.output and not any("{output" in w for w in command):
+        return _fail("submit", "--output is given but the command never uses {output} (the temporary name it must "
+                               "write, renamed to the output when the job succeeds)")
+    if len(command) < len(words):
         return _submit_each(args, words, env)
     if args.shell and len(words) != 1:
         words = [" ".join(words)]
-    if args.output and not any("{output" in w for w in words):
-        return _fail("submit", "--output is given but the command never uses {output} (the temporary name it must "
-                               "write, renamed to the output when the job succeeds)")
     try:
         reply = _client.request("submit", args.group, autostart=True,
                                 **_job(args, words[0] if args.shell else words, args.output, args.name, env))
@@ -190,9 +191,6 @@ def _submit_each(args, words: list, env: dict) -> int:
         if used > len(sources):
             raise ValueError(f"the command uses {{{used}}} but there {'is' if len(sources) == 1 else 'are'} "
                              f"{len(sources)} input source{'s' if len(sources) != 1 else ''}")
-        if args.output and not any("{output" in w for w in template):
-            raise ValueError("--output is given but the command never uses {output} (the temporary name it must "
-                             "write, renamed to the output when the job succeeds)")
         jobs, claimed = [], {}
         for seq1, row in enumerate(_inputs.Inputs(sources).rows(), 1):
             for v in row:  # the daemon fills {output} in a job's words: an input's own text must not hold one
